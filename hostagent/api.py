@@ -1,0 +1,270 @@
+"""HTTP routes of the v1 API (API.md) over aiohttp: parse, call the service, reply.
+
+No logic lives here. Blocking service calls (libvirt, os-brick, sqlite) run
+in a thread pool so one slow detach never stalls the event loop. Every error
+leaves as ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from hostagent import __version__
+from hostagent.errors import HostagentError, InvalidRequest
+from hostagent.models import (
+    ID_PATTERN,
+    Attachment,
+    AttachmentList,
+    AttachRequest,
+    ConnectionList,
+    DetachResult,
+    ErrorBody,
+    ErrorDetail,
+    Health,
+    ReconcileReport,
+    describe_validation_error,
+)
+from hostagent.reconcile import Reconciler
+from hostagent.service import AttachmentService
+from hostagent.views import connection_list
+
+LOG = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+_ID = re.compile(ID_PATTERN)
+T = TypeVar("T")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint, declared once: aiohttp serves it and openapi documents it."""
+
+    method: str
+    path: str
+    handler: str
+    summary: str
+    request: type[BaseModel] | None = None
+    responses: dict[int, type[BaseModel]] = field(default_factory=dict)
+    errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "PUT",
+        "/v1/attachments/{attachment_id}",
+        "put_attachment",
+        "Attach a volume to a guest (idempotent per attachment_id)",
+        request=AttachRequest,
+        responses={201: Attachment, 200: Attachment},
+        errors={
+            400: ("invalid_request",),
+            404: ("domain_not_found",),
+            409: (
+                "attachment_conflict",
+                "attachment_id_reused",
+                "volume_already_attached",
+                "volume_not_multiattach",
+                "target_dev_in_use",
+            ),
+            413: ("request_too_large",),
+            502: ("connect_failed", "libvirt_error"),
+            503: ("libvirt_unavailable",),
+        },
+    ),
+    Route(
+        "DELETE",
+        "/v1/attachments/{attachment_id}",
+        "delete_attachment",
+        "Detach; repeating a completed DELETE replays its body",
+        responses={200: DetachResult},
+        errors={
+            400: ("invalid_request",),
+            404: ("attachment_not_found",),
+            502: ("libvirt_error", "disconnect_failed"),
+            503: ("libvirt_unavailable",),
+            504: ("detach_timeout",),
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/attachments/{attachment_id}",
+        "get_attachment",
+        "One attachment not yet detached",
+        responses={200: Attachment},
+        errors={400: ("invalid_request",), 404: ("attachment_not_found",)},
+    ),
+    Route(
+        "GET",
+        "/v1/attachments",
+        "list_attachments",
+        "Attachments not yet detached, in any state",
+        responses={200: AttachmentList},
+    ),
+    Route(
+        "GET",
+        "/v1/connections",
+        "list_connections",
+        "Host connections and the attachments that use them",
+        responses={200: ConnectionList},
+    ),
+    Route("GET", "/v1/health", "health", "Daemon and libvirt health", responses={200: Health}),
+    Route(
+        "POST",
+        "/v1/reconcile",
+        "reconcile",
+        "Reconcile records against libvirt and host devices now",
+        responses={200: ReconcileReport},
+        errors={503: ("libvirt_unavailable",)},
+    ),
+)
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    return web.json_response(body.model_dump(), status=status)
+
+
+def model_response(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into the API's error body, and log each request once."""
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except HostagentError as exc:
+        response = error_response(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = f"request body larger than {MAX_BODY_BYTES} bytes"
+        response = error_response(exc.status, code, message)
+    except Exception:
+        LOG.exception("%s %s failed", request.method, request.path)
+        response = error_response(500, "internal_error", "internal error; see the daemon log")
+    LOG.info(
+        "%s %s -> %d (%.1f ms)",
+        request.method,
+        request.path,
+        response.status,
+        (time.monotonic() - started) * 1000,
+    )
+    return response
+
+
+class ApiHandlers:
+    """aiohttp handlers bound to the service, the reconciler and a thread pool."""
+
+    def __init__(
+        self,
+        service: AttachmentService,
+        reconciler: Reconciler,
+        executor: ThreadPoolExecutor,
+        openapi: dict[str, Any],
+    ) -> None:
+        self.service = service
+        self.reconciler = reconciler
+        self.executor = executor
+        self.openapi = openapi
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    @staticmethod
+    def _attachment_id(request: web.Request) -> str:
+        attachment_id = request.match_info["attachment_id"]
+        if not _ID.match(attachment_id):
+            raise InvalidRequest(
+                f"attachment_id {attachment_id[:80]!r} must be 1-64 chars of [A-Za-z0-9_-]"
+            )
+        return attachment_id
+
+    @staticmethod
+    async def _body(request: web.Request, model: type[T]) -> T:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_BODY_BYTES, actual_size=request.content_length
+            )
+        raw = await request.read()
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        try:
+            return model.model_validate(data)  # type: ignore[attr-defined, no-any-return]
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc)) from None
+
+    async def put_attachment(self, request: web.Request) -> web.Response:
+        attachment_id = self._attachment_id(request)
+        body = await self._body(request, AttachRequest)
+        attachment, created = await self._run(self.service.attach, attachment_id, body)
+        return model_response(attachment, 201 if created else 200)
+
+    async def delete_attachment(self, request: web.Request) -> web.Response:
+        attachment_id = self._attachment_id(request)
+        return model_response(await self._run(self.service.detach, attachment_id))
+
+    async def get_attachment(self, request: web.Request) -> web.Response:
+        attachment_id = self._attachment_id(request)
+        return model_response(await self._run(self.service.get, attachment_id))
+
+    async def list_attachments(self, request: web.Request) -> web.Response:
+        attachments = await self._run(self.service.list)
+        return model_response(AttachmentList(attachments=attachments))
+
+    async def list_connections(self, request: web.Request) -> web.Response:
+        return model_response(await self._run(connection_list, self.service.store))
+
+    async def health(self, request: web.Request) -> web.Response:
+        connected = self.service.guests.connected
+        return model_response(
+            Health(
+                status="ok" if connected else "degraded",
+                libvirt="connected" if connected else "disconnected",
+                version=__version__,
+            )
+        )
+
+    async def reconcile(self, request: web.Request) -> web.Response:
+        return model_response(await self._run(self.reconciler.run))
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi)
+
+
+def make_app(handlers: ApiHandlers) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, getattr(handlers, route.handler))
+    app.router.add_get("/v1/openapi.json", handlers.get_openapi)
+    return app

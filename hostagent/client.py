@@ -1,0 +1,115 @@
+"""Python client of the v1 API over the unix socket, for virt drivers and hostagentctl."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any
+
+from pydantic import BaseModel
+
+from hostagent.models import (
+    Attachment,
+    AttachmentList,
+    AttachRequest,
+    ConnectionList,
+    DetachResult,
+    Health,
+    ReconcileReport,
+)
+
+DEFAULT_SOCKET = "/run/hostagent/hostagent.sock"
+
+
+def default_socket() -> str:
+    return os.environ.get("HOSTAGENT_SOCKET", DEFAULT_SOCKET)
+
+
+class ApiError(Exception):
+    """An error reply of the daemon (or no daemon at all: status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class HostagentClient:
+    """One request per connection: simple, and safe to share between threads."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float = 120.0) -> None:
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Send one request; returns (status, decoded JSON) or raises ApiError."""
+        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except OSError as exc:
+            raise ApiError(0, "unreachable", f"hostagentd at {self.socket_path}: {exc}") from exc
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            data = None
+        if response.status >= 400:
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            raise ApiError(
+                response.status,
+                str(error.get("code", "http_error")),
+                str(error.get("message", raw[:200].decode(errors="replace"))),
+            )
+        return response.status, data
+
+    def attach(
+        self, attachment_id: str, request: AttachRequest | dict[str, Any]
+    ) -> tuple[Attachment, bool]:
+        """Attach; returns the attachment and whether it was created now (201)."""
+        body = request.model_dump(exclude_none=True) if isinstance(request, BaseModel) else request
+        status, data = self.request("PUT", f"/v1/attachments/{attachment_id}", body)
+        return Attachment.model_validate(data), status == 201
+
+    def detach(self, attachment_id: str) -> DetachResult:
+        _, data = self.request("DELETE", f"/v1/attachments/{attachment_id}")
+        return DetachResult.model_validate(data)
+
+    def get(self, attachment_id: str) -> Attachment:
+        _, data = self.request("GET", f"/v1/attachments/{attachment_id}")
+        return Attachment.model_validate(data)
+
+    def list(self) -> list[Attachment]:
+        _, data = self.request("GET", "/v1/attachments")
+        return AttachmentList.model_validate(data).attachments
+
+    def connections(self) -> ConnectionList:
+        _, data = self.request("GET", "/v1/connections")
+        return ConnectionList.model_validate(data)
+
+    def health(self) -> Health:
+        _, data = self.request("GET", "/v1/health")
+        return Health.model_validate(data)
+
+    def reconcile(self) -> ReconcileReport:
+        _, data = self.request("POST", "/v1/reconcile")
+        return ReconcileReport.model_validate(data)

@@ -1,0 +1,58 @@
+"""The Connector protocol and the typed values that cross it.
+
+A connector turns Cinder's ``connection_info`` into a canonical ``Target``
+(validation happens here, before anything is touched), connects it once per
+host and disconnects it. It knows nothing of libvirt: ``service`` maps a
+``HostDevice`` to a disk source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+class InvalidTarget(ValueError):
+    """connection_info that a connector refuses; the message goes to the caller (400)."""
+
+
+class ConnectorError(RuntimeError):
+    """os-brick failed to connect or disconnect; the message says what it reported."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to connect, validated: the canonical key plus os-brick's properties."""
+
+    driver_volume_type: str
+    connection_key: str
+    properties: Mapping[str, Any] = field(repr=False)
+    disk_format: str = "raw"
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    """What a connect produced: the host block device (None for network disks)
+    and os-brick's own device info, kept because disconnect needs it back."""
+
+    path: str | None
+    device_info: Mapping[str, Any]
+
+
+class Connector(Protocol):
+    """One storage protocol (a ``driver_volume_type``) on this host."""
+
+    driver_volume_type: ClassVar[str]
+
+    def parse_target(self, data: Mapping[str, Any]) -> Target:
+        """Validate ``connection_info['data']``; raise InvalidTarget, touch nothing."""
+        ...
+
+    def connect(self, target: Target) -> HostDevice:
+        """Make the host connection (idempotent); raise ConnectorError."""
+        ...
+
+    def disconnect(self, target: Target, device: HostDevice) -> None:
+        """Release the host connection; raise ConnectorError if it could not."""
+        ...

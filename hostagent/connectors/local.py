@@ -1,0 +1,74 @@
+"""``local``: a block device already present on the host, through os-brick's LocalConnector."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from os_brick.initiator.connectors.local import LocalConnector as BrickLocalConnector
+
+from hostagent.connectors.base import ConnectorError, HostDevice, InvalidTarget, Target
+
+DEV_ROOT = "/dev/"
+
+
+def canonical_block_device(device_path: object) -> str:
+    """Resolve ``device_path`` to a real block device under /dev, or raise InvalidTarget.
+
+    Symlinks are followed (``/dev/disk/by-id/...`` is fine) but the end of the
+    chain must stay under /dev: regular files, ``..`` tricks and links out of
+    /dev are refused before anything is opened.
+    """
+    if not isinstance(device_path, str) or not device_path:
+        raise InvalidTarget("connection_info.data.device_path must be a non-empty string")
+    if "\x00" in device_path or not device_path.startswith("/"):
+        raise InvalidTarget(f"device_path {device_path!r} must be an absolute path")
+    real = os.path.realpath(device_path)
+    if not real.startswith(DEV_ROOT):
+        raise InvalidTarget(f"device_path {device_path!r} resolves to {real!r}, outside /dev")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        raise InvalidTarget(f"device_path {device_path!r}: {exc.strerror}") from None
+    if not stat.S_ISBLK(mode):
+        raise InvalidTarget(f"device_path {device_path!r} ({real}) is not a block device")
+    return real
+
+
+class LocalConnector:
+    """A host block device that needs no login: connect checks it, disconnect is a no-op."""
+
+    driver_volume_type: ClassVar[str] = "local"
+
+    def __init__(self, brick: Any | None = None) -> None:
+        self._brick = brick if brick is not None else BrickLocalConnector(root_helper=None)
+
+    def parse_target(self, data: Mapping[str, Any]) -> Target:
+        real = canonical_block_device(data.get("device_path"))
+        disk_format = data.get("format", "raw")
+        if not isinstance(disk_format, str):
+            raise InvalidTarget("connection_info.data.format must be a string")
+        return Target(
+            driver_volume_type=self.driver_volume_type,
+            connection_key=f"local:{real}",
+            properties={"device_path": real},
+            disk_format=disk_format,
+        )
+
+    def connect(self, target: Target) -> HostDevice:
+        try:
+            info = self._brick.connect_volume(dict(target.properties))
+            path = canonical_block_device(info["path"])
+        except (InvalidTarget, OSError, ValueError, KeyError) as exc:
+            raise ConnectorError(
+                f"local device {target.properties['device_path']}: {exc}"
+            ) from exc
+        return HostDevice(path=path, device_info=dict(info))
+
+    def disconnect(self, target: Target, device: HostDevice) -> None:
+        try:
+            self._brick.disconnect_volume(dict(target.properties), dict(device.device_info))
+        except Exception as exc:  # os-brick raises many unrelated types
+            raise ConnectorError(f"local device {device.path}: {exc}") from exc

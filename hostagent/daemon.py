@@ -1,0 +1,195 @@
+"""hostagentd: wire the parts together, reconcile, serve the API until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+from os_brick import privileged as os_brick_privileged
+from oslo_config import cfg
+
+from hostagent import connectors
+from hostagent.api import ApiHandlers, make_app
+from hostagent.conf import load_config
+from hostagent.errors import HostagentError
+from hostagent.guests import Guests
+from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
+from hostagent.openapi import build_openapi
+from hostagent.reconcile import Reconciler
+from hostagent.service import AttachmentService, ServiceSettings
+from hostagent.store import Store, StoreError
+from hostagent.systemd import notify
+
+LOG = logging.getLogger("hostagent")
+
+STATE_FILE = "hostagent.sqlite3"
+
+
+def read_boot_id(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        LOG.warning("cannot read boot id from %s: %s", path, exc)
+        return ""
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """Bind the API socket (mode 0660), replacing a stale file but never a live server."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            path.unlink(missing_ok=True)
+        else:
+            raise RuntimeError(f"another server is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+class PeriodicReconcile:
+    """Runs the reconciler every ``interval`` seconds on its own thread."""
+
+    def __init__(self, reconciler: Reconciler, guests: Guests, interval: float) -> None:
+        self._reconciler = reconciler
+        self._guests = guests
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._guests.connected:
+                run_reconcile(self._reconciler, "periodic")
+
+
+def run_reconcile(reconciler: Reconciler, why: str) -> None:
+    try:
+        report = reconciler.run()
+    except HostagentError as exc:
+        LOG.warning("%s reconcile did not complete: %s", why, exc.message)
+    except Exception:
+        LOG.exception("%s reconcile failed", why)
+    else:
+        LOG.info("%s reconcile: %d actions", why, len(report.actions))
+
+
+async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting and finish in-flight requests."""
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    LOG.info("serving on %s", sock.getsockname())
+    notify("READY=1", f"STATUS=serving on {sock.getsockname()}")
+    await stop.wait()
+    LOG.info("stopping: no new connections; finishing requests in flight")
+    notify("STOPPING=1")
+    await runner.cleanup()
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("os_brick", "oslo_concurrency", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def prepare_os_brick() -> None:
+    """A daemon running as root runs os-brick's privileged calls in-process."""
+    if os.geteuid() == 0:
+        os_brick_privileged.default.set_client_mode(False)
+
+
+def run(conf: cfg.ConfigOpts) -> int:
+    state_dir = Path(conf.state_dir).absolute()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_os_brick()
+    with state_dir_guard(state_dir):
+        store = Store(state_dir / STATE_FILE)
+        guests = Guests(conf.libvirt_uri)
+        service = AttachmentService(
+            store=store,
+            guests=guests,
+            registry=connectors.ConnectorRegistry.default(),
+            locks=HostLocks(state_dir / "locks"),
+            settings=ServiceSettings(
+                detach_timeout=conf.detach_timeout,
+                detach_retry_interval=conf.detach_retry_interval,
+                boot_id=read_boot_id(conf.boot_id_path),
+            ),
+        )
+        reconciler = Reconciler(service, tombstone_ttl=conf.tombstone_ttl)
+        guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
+        guests.start()  # connects (and reconciles) now if libvirtd answers
+        executor = ThreadPoolExecutor(conf.api_workers, thread_name_prefix="api")
+        periodic = PeriodicReconcile(reconciler, guests, conf.reconcile_interval)
+        app = make_app(ApiHandlers(service, reconciler, executor, build_openapi()))
+        socket_path = Path(conf.socket_path).absolute()
+        sock = bind_unix_socket(socket_path)
+        periodic.start()
+        try:
+            asyncio.run(serve(app, sock, shutdown_timeout=conf.detach_timeout + 30))
+        finally:
+            periodic.stop()
+            executor.shutdown(wait=True)
+            guests.stop()
+            store.close()
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+    LOG.info("stopped cleanly")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    conf = load_config(sys.argv[1:] if argv is None else argv)
+    setup_logging(conf.debug)
+    try:
+        return run(conf)
+    except (StoreError, StateDirBusy, RuntimeError, OSError) as exc:
+        LOG.error("hostagentd cannot start: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Errors the service raises, each with the HTTP status and code of API.md."""
+
+from __future__ import annotations
+
+
+class HostagentError(Exception):
+    """Base of every error the API turns into ``{"error": {"code", "message"}}``."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(HostagentError):
+    status, code = 400, "invalid_request"
+
+
+class Forbidden(HostagentError):
+    status, code = 403, "forbidden"
+
+
+class DomainNotFound(HostagentError):
+    status, code = 404, "domain_not_found"
+
+
+class AttachmentNotFound(HostagentError):
+    status, code = 404, "attachment_not_found"
+
+
+class AttachmentConflict(HostagentError):
+    status, code = 409, "attachment_conflict"
+
+
+class AttachmentIdReused(HostagentError):
+    status, code = 409, "attachment_id_reused"
+
+
+class VolumeNotMultiattach(HostagentError):
+    status, code = 409, "volume_not_multiattach"
+
+
+class VolumeAlreadyAttached(HostagentError):
+    status, code = 409, "volume_already_attached"
+
+
+class TargetDevInUse(HostagentError):
+    status, code = 409, "target_dev_in_use"
+
+
+class ConnectFailed(HostagentError):
+    status, code = 502, "connect_failed"
+
+
+class DisconnectFailed(HostagentError):
+    """os-brick could not release the host connection; the attachment stays detaching."""
+
+    status, code = 502, "disconnect_failed"
+
+
+class LibvirtError(HostagentError):
+    status, code = 502, "libvirt_error"
+
+
+class LibvirtUnavailable(HostagentError):
+    status, code = 503, "libvirt_unavailable"
+
+
+class DetachTimeout(HostagentError):
+    status, code = 504, "detach_timeout"

@@ -1,0 +1,205 @@
+"""A guest's side of an attach: pick the target dev and address, build the
+disk XML with libvirt_xml's policy, make sure a virtio-scsi controller
+exists, and hand the disk to libvirt for the live domain and its config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from hostagent.connectors import HostDevice, Target
+from hostagent.errors import InvalidRequest, LibvirtError, TargetDevInUse
+from hostagent.guests import DomainInfo, Guests
+from hostagent.libvirt_xml.disk import ControllerSpec, DomainDevices, DriveAddress, parse_domain
+from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
+from hostagent.libvirt_xml.policy import build_disk
+from hostagent.locks import HostLocks
+from hostagent.models import AttachRequest
+from hostagent.render import disk_request
+from hostagent.store import AttachmentRecord, Store
+
+LOG = logging.getLogger(__name__)
+
+VIRTIO_SCSI = "virtio-scsi"
+
+
+def validate_disk_rules(request: AttachRequest, target: Target) -> None:
+    """Run the disk policy on the request alone, so its refusals are 400s
+    raised before libvirt or the host is touched (raises DiskPolicyError)."""
+    build_disk(
+        disk_request(
+            attachment_id="validate",
+            serial=request.serial or request.volume_id,
+            device_path="/dev/null",
+            disk_format=target.disk_format,
+            multiattach=request.multiattach,
+            mode=request.mode,
+            bus=request.bus,
+            target_dev=request.target_dev or first_free_target_dev(request.bus, ()),
+            address=DriveAddress(0, 0, 0, 0) if request.bus == "scsi" else None,
+        )
+    )
+
+
+class _DomainView:
+    """The live XML and the persistent config of one domain, read once."""
+
+    def __init__(self, guests: Guests, domain: DomainInfo) -> None:
+        self.domain = domain
+        self.live: DomainDevices | None = (
+            parse_domain(guests.domain_xml(domain.uuid)) if domain.active else None
+        )
+        self.config: DomainDevices | None = (
+            parse_domain(guests.domain_xml(domain.uuid, inactive=True))
+            if domain.persistent
+            else None
+        )
+
+    def views(self) -> list[DomainDevices]:
+        return [v for v in (self.live, self.config) if v is not None]
+
+    def presence(self, alias: str) -> tuple[bool, bool]:
+        in_live = self.live is not None and self.live.disk_by_alias(alias) is not None
+        in_config = self.config is not None and self.config.disk_by_alias(alias) is not None
+        return in_live, in_config
+
+    def target_devs(self) -> set[str]:
+        return {d.target_dev for v in self.views() for d in v.disks if d.target_dev}
+
+    def drive_addresses(self, controller: int) -> set[DriveAddress]:
+        return {
+            d.address
+            for v in self.views()
+            for d in v.disks
+            if d.address is not None and d.address.controller == controller
+        }
+
+    def scsi_controller_indexes(self) -> tuple[set[int], set[int]]:
+        """(virtio-scsi indexes in live, in config); a missing view counts as 'has all'."""
+        live = set(self.live.scsi_controller_indexes()) if self.live else None
+        config = set(self.config.scsi_controller_indexes()) if self.config else None
+        everything = (live or set()) | (config or set())
+        return (everything if live is None else live, everything if config is None else config)
+
+    def used_scsi_indexes(self) -> set[int]:
+        return {
+            c.index for v in self.views() for c in v.controllers if c.controller_type == "scsi"
+        }
+
+
+class GuestDisks:
+    """Builds and attaches the disk of an attachment on its domain."""
+
+    def __init__(self, *, guests: Guests, store: Store, locks: HostLocks) -> None:
+        self.guests = guests
+        self.store = store
+        self.locks = locks
+
+    def alias_presence(self, domain: DomainInfo, alias: str) -> tuple[bool, bool]:
+        """Whether the disk ``alias`` is in the live XML / the persistent config."""
+        return _DomainView(self.guests, domain).presence(alias)
+
+    def attach(
+        self,
+        record: AttachmentRecord,
+        request: AttachRequest,
+        target: Target,
+        device: HostDevice,
+    ) -> AttachmentRecord:
+        """Attach the record's disk to whatever of live/config does not have it yet."""
+        with self.locks.domain(record.domain_uuid):
+            domain = self.guests.lookup(record.domain_uuid)
+            view = _DomainView(self.guests, domain)
+            in_live, in_config = view.presence(record.alias)
+            need_live = domain.active and not in_live
+            need_config = domain.persistent and not in_config
+            if not (need_live or need_config):
+                return record
+            if record.disk_xml is not None and (in_live or in_config):
+                disk_xml = record.disk_xml  # finish a half-done attach with the same disk
+            else:
+                disk_xml = self._place(record, request, target, device, view)
+                record = replace(record, disk_xml=disk_xml)
+            self.guests.attach_device(domain.uuid, disk_xml, live=need_live, config=need_config)
+            return self.store.get_attachment(record.attachment_id) or record
+
+    def _place(
+        self,
+        record: AttachmentRecord,
+        request: AttachRequest,
+        target: Target,
+        device: HostDevice,
+        view: _DomainView,
+    ) -> str:
+        used_devs = view.target_devs() | {
+            a.target_dev
+            for a in self.store.list_attachments(domain_uuid=record.domain_uuid)
+            if a.target_dev and a.attachment_id != record.attachment_id
+        }
+        if request.target_dev is not None:
+            if request.target_dev in used_devs:
+                raise TargetDevInUse(
+                    f"target dev {request.target_dev} is already used on {record.domain_name}"
+                )
+            target_dev = request.target_dev
+        else:
+            target_dev = first_free_target_dev(request.bus, used_devs)
+        address = None
+        if request.bus == "scsi":
+            controller = self._ensure_virtio_scsi(view)
+            address = first_free_drive_address(controller, view.drive_addresses(controller))
+        if device.path is None:
+            raise InvalidRequest(f"{target.driver_volume_type} gave no host block device")
+        disk = build_disk(
+            disk_request(
+                attachment_id=record.attachment_id,
+                serial=record.serial,
+                device_path=device.path,
+                disk_format=target.disk_format,
+                multiattach=record.multiattach,
+                mode=record.mode,
+                bus=record.bus,
+                target_dev=target_dev,
+                address=address,
+            )
+        )
+        disk_xml = disk.to_xml()
+        self.store.set_attachment_placement(
+            record.attachment_id, target_dev=target_dev, disk_xml=disk_xml
+        )
+        return disk_xml
+
+    def _ensure_virtio_scsi(self, view: _DomainView) -> int:
+        """Index of a virtio-scsi controller in both live and config, hot-adding one if needed."""
+        live, config = view.scsi_controller_indexes()
+        shared = live & config
+        if shared:
+            return min(shared)
+        domain = view.domain
+        if live or config:
+            index = min(live or config)
+            add_live, add_config = index not in live, index not in config
+        else:
+            used = view.used_scsi_indexes()
+            index = next(i for i in range(len(used) + 1) if i not in used)
+            add_live, add_config = domain.active, domain.persistent
+        xml = ControllerSpec(controller_type="scsi", index=index, model=VIRTIO_SCSI).to_xml()
+        LOG.info(
+            "domain %s has no virtio-scsi controller %d%s; adding one",
+            domain.name,
+            index,
+            " in its live XML" if add_live else " in its config",
+        )
+        try:
+            self.guests.attach_device(
+                domain.uuid,
+                xml,
+                live=add_live and domain.active,
+                config=add_config and domain.persistent,
+            )
+        except LibvirtError as exc:
+            raise LibvirtError(
+                f"domain {domain.name} has no virtio-scsi controller and libvirt refused "
+                f"to add one: {exc.message}"
+            ) from None
+        return index

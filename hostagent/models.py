@@ -1,0 +1,128 @@
+"""The v1 API's request and response bodies (API.md), as pydantic models.
+
+Declared once and used three ways: the daemon validates requests with them,
+the OpenAPI document is generated from them, and ``client`` parses replies
+into them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TARGET_DEV_PATTERN = r"^(sd|vd)[a-z]{1,3}$"
+SERIAL_PATTERN = r"^[A-Za-z0-9_.+-]{1,64}$"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field, for a 400 message or a CLI error."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class ConnectionInfo(BaseModel):
+    """Cinder's connection_info; keys other than these two are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    driver_volume_type: str = Field(
+        min_length=1, max_length=32, description="local | iscsi | rbd (more may follow)"
+    )
+    data: dict[str, Any] = Field(description="protocol-specific target description")
+
+
+class AttachRequest(BaseModel):
+    """Body of ``PUT /v1/attachments/{attachment_id}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    volume_id: str = Field(pattern=ID_PATTERN)
+    domain: str = Field(min_length=1, max_length=256, description="libvirt domain name or UUID")
+    connection_info: ConnectionInfo
+    multiattach: bool = False
+    mode: Literal["rw", "ro"] = "rw"
+    bus: Literal["scsi", "virtio"] = "scsi"
+    target_dev: str | None = Field(default=None, pattern=TARGET_DEV_PATTERN)
+    serial: str | None = Field(default=None, pattern=SERIAL_PATTERN)
+
+
+class Attachment(BaseModel):
+    """An attachment as the API reports it."""
+
+    attachment_id: str
+    volume_id: str
+    domain_uuid: str
+    domain_name: str
+    state: Literal["attaching", "attached", "detaching"]
+    target_dev: str | None
+    bus: Literal["scsi", "virtio"]
+    mode: Literal["rw", "ro"]
+    multiattach: bool
+    shareable: bool
+    connection_key: str
+    device_path: str | None = Field(description="host block device; null for network disks")
+    host_refcount: int = Field(description="attachments now using this host connection")
+    disk_xml: str | None
+
+
+class AttachmentList(BaseModel):
+    attachments: list[Attachment]
+
+
+class DetachResult(BaseModel):
+    """Body of a completed ``DELETE``; replayed unchanged on a retry."""
+
+    attachment_id: str
+    state: Literal["detached"] = "detached"
+    connection_key: str
+    host_refcount: int = Field(description="attachments still using the connection")
+    host_disconnected: bool = Field(description="this detach released the host connection")
+    terminate_connection: bool = Field(
+        description="the caller may now terminate the export for this host"
+    )
+
+
+class Connection(BaseModel):
+    connection_key: str
+    driver_volume_type: str
+    device_path: str | None
+    state: Literal["connecting", "connected", "disconnecting"]
+    host_refcount: int
+    attachments: list[str]
+    connected_at: str | None = Field(description="ISO 8601 UTC time of the connect")
+
+
+class ConnectionList(BaseModel):
+    connections: list[Connection]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    libvirt: Literal["connected", "disconnected"]
+    version: str
+
+
+class ReconcileAction(BaseModel):
+    """One thing reconcile did or found."""
+
+    action: str = Field(description="what was done, e.g. released, rolled_back, reported")
+    subject: str = Field(description="the attachment id or connection key concerned")
+    detail: str
+
+
+class ReconcileReport(BaseModel):
+    actions: list[ReconcileAction]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,85 @@
+"""The OpenAPI 3.1 document of the v1 API, generated from api.ROUTES and the models.
+
+``python -m hostagent.openapi > docs/openapi.json`` refreshes the checked-in
+copy; a unit test fails when it is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from hostagent import __version__
+from hostagent.api import ROUTES
+from hostagent.models import ID_PATTERN, ErrorBody
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def build_openapi() -> dict[str, Any]:
+    requests = {route.request for route in ROUTES if route.request}
+    replies = {ErrorBody} | {m for route in ROUTES for m in route.responses.values()}
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in sorted(requests, key=lambda m: m.__name__)]
+        + [(m, "serialization") for m in sorted(replies, key=lambda m: m.__name__)],
+        ref_template=REF,
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation: dict[str, Any] = {
+            "operationId": route.handler,
+            "summary": route.summary,
+            "responses": {},
+        }
+        if "{attachment_id}" in route.path:
+            operation["parameters"] = [
+                {
+                    "name": "attachment_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": ID_PATTERN},
+                }
+            ]
+        if route.request:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(route.request)}},
+            }
+        for status, model in sorted(route.responses.items()):
+            operation["responses"][str(status)] = {
+                "description": model.__doc__.strip().splitlines()[0] if model.__doc__ else "OK",
+                "content": {"application/json": {"schema": _ref(model)}},
+            }
+        for status, codes in sorted(route.errors.items()):
+            operation["responses"][str(status)] = {
+                "description": "error: " + ", ".join(codes),
+                "content": {"application/json": {"schema": _ref(ErrorBody)}},
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hostagent",
+            "version": __version__,
+            "description": "Attach shared block volumes to libvirt guests; see API.md.",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas["$defs"]},
+    }
+
+
+def main() -> None:
+    json.dump(build_openapi(), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

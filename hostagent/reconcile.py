@@ -1,0 +1,190 @@
+"""Reconcile the store against libvirt's domains and the host's devices.
+
+Runs at start-up before the socket accepts requests, after every libvirt
+reconnect, periodically, and on ``POST /v1/reconcile``. It finishes or rolls
+back interrupted steps, releases attachments of domains that no longer exist,
+disconnects connections nobody uses, and reports disks that domains hold on
+our devices without a record of ours (their devices stay connected).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from hostagent.errors import HostagentError
+from hostagent.models import ReconcileAction, ReconcileReport
+from hostagent.references import references_in, scan_domain_disks
+from hostagent.service import AttachmentService
+from hostagent.store import AttachmentRecord, AttachmentState, ConnectionRecord, ConnectionState
+
+LOG = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """One pass over attachments, then connections, then foreign disks."""
+
+    def __init__(
+        self,
+        service: AttachmentService,
+        *,
+        tombstone_ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.tombstone_ttl = tombstone_ttl
+        self._clock = clock
+
+    def run(self) -> ReconcileReport:
+        actions: list[ReconcileAction] = []
+        for record in self.service.store.list_attachments():
+            actions += self._attachment(record.attachment_id)
+        for connection in self.service.store.list_connections():
+            actions += self._connection(connection.connection_key)
+        actions += self._foreign_disks()
+        purged = self.service.store.purge_tombstones(self._clock() - self.tombstone_ttl)
+        if purged:
+            actions.append(
+                ReconcileAction(
+                    action="purged_tombstones",
+                    subject="tombstones",
+                    detail=f"{purged} tombstones older than {self.tombstone_ttl:g}s",
+                )
+            )
+        for a in actions:
+            LOG.info("reconcile: %s %s: %s", a.action, a.subject, a.detail)
+        if not actions:
+            LOG.debug("reconcile: records, domains and devices agree")
+        return ReconcileReport(actions=actions)
+
+    def _attachment(self, attachment_id: str) -> list[ReconcileAction]:
+        service = self.service
+        with service.locks.attachment(attachment_id):
+            record = service.store.get_attachment(attachment_id)
+            if record is None:
+                return []
+            domain = service.guests.find(record.domain_uuid)
+            try:
+                if domain is None:
+                    result = service.release(record)
+                    return [
+                        _act(
+                            "released",
+                            record,
+                            f"domain {record.domain_name} no longer "
+                            f"exists; terminate_connection={result.terminate_connection}",
+                        )
+                    ]
+                in_live, in_config = service.disk_presence(record, domain)
+                present = in_live or in_config
+                if record.state is AttachmentState.ATTACHING:
+                    if present and record.disk_xml:
+                        service.finish_interrupted_attach(record, domain)
+                        return [_act("finished_attach", record, f"disk is on {domain.name}")]
+                    service.roll_back_interrupted_attach(record)
+                    return [_act("rolled_back", record, "interrupted attach left no disk")]
+                if record.state is AttachmentState.DETACHING:
+                    if present:
+                        return [
+                            _act(
+                                "detach_pending",
+                                record,
+                                f"{domain.name} still holds {record.alias}",
+                            )
+                        ]
+                    result = service.release(record)
+                    return [
+                        _act(
+                            "finished_detach",
+                            record,
+                            f"terminate_connection={result.terminate_connection}",
+                        )
+                    ]
+                if not present:
+                    return [
+                        _act(
+                            "missing_disk",
+                            record,
+                            f"{domain.name} no longer has {record.alias}; "
+                            "DELETE the attachment to release it",
+                        )
+                    ]
+            except HostagentError as exc:
+                return [_act("failed", record, exc.message)]
+        return []
+
+    def _connection(self, connection_key: str) -> list[ReconcileAction]:
+        service = self.service
+        with service.locks.connection(connection_key):
+            connection = service.store.get_connection(connection_key)
+            if connection is None:
+                return []
+            users = service.store.refcount(connection_key)
+            try:
+                if users == 0:
+                    return self._unused_connection(connection)
+                if connection.state is not ConnectionState.CONNECTED:
+                    service.reconnect(connection)
+                    return [
+                        ReconcileAction(
+                            action="reconnected",
+                            subject=connection_key,
+                            detail=f"was {connection.state.value} with {users} attachments",
+                        )
+                    ]
+            except HostagentError as exc:
+                return [
+                    ReconcileAction(action="failed", subject=connection_key, detail=exc.message)
+                ]
+        return []
+
+    def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
+        key = connection.connection_key
+        if connection.device_path is not None:
+            refs = references_in(scan_domain_disks(self.service.guests), connection.device_path)
+            if refs:
+                names = sorted({r.domain_name for r in refs})
+                return [
+                    ReconcileAction(
+                        action="kept",
+                        subject=key,
+                        detail="no attachments, but used by domain " + ", ".join(names),
+                    )
+                ]
+        self.service.disconnect_unused(connection)
+        return [
+            ReconcileAction(
+                action="disconnected",
+                subject=key,
+                detail=f"no attachments and no domain uses {connection.device_path or key}",
+            )
+        ]
+
+    def _foreign_disks(self) -> list[ReconcileAction]:
+        store = self.service.store
+        connections = [c for c in store.list_connections() if c.device_path]
+        if not connections:
+            return []
+        ours = {(a.domain_uuid, a.alias) for a in store.list_attachments()}
+        disks = scan_domain_disks(self.service.guests)
+        found = []
+        for connection in connections:
+            assert connection.device_path is not None
+            for ref in references_in(disks, connection.device_path):
+                if (ref.domain_uuid, ref.alias) in ours:
+                    continue
+                found.append(
+                    ReconcileAction(
+                        action="foreign_disk",
+                        subject=connection.connection_key,
+                        detail=f"domain {ref.domain_name} ({ref.where}) uses "
+                        f"{connection.device_path} as {ref.target_dev} without an attachment "
+                        "of ours; the device stays connected",
+                    )
+                )
+        return found
+
+
+def _act(action: str, record: AttachmentRecord, detail: str) -> ReconcileAction:
+    return ReconcileAction(action=action, subject=record.attachment_id, detail=detail)

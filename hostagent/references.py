@@ -1,0 +1,112 @@
+"""Which libvirt domains still use a host device, whatever our records say.
+
+This is the check behind the rule no input can break: before a disconnect,
+every domain's live XML and persistent config is read, and any disk whose
+source is the device (same path after symlinks, or the same device number)
+keeps the host connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+from typing import Literal
+
+from hostagent.errors import DomainNotFound
+from hostagent.guests import DomainInfo, Guests
+from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
+
+
+@dataclass(frozen=True)
+class DeviceReference:
+    """A disk of a domain that uses a host device."""
+
+    domain_uuid: str
+    domain_name: str
+    where: Literal["live", "config"]
+    alias: str | None
+    target_dev: str | None
+    source: str
+
+
+def _device_number(path: str) -> int | None:
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            return st.st_rdev
+    return None
+
+
+class HostDeviceMatcher:
+    """Matches disk sources against one host block device."""
+
+    def __init__(self, device_path: str) -> None:
+        self.device_path = device_path
+        self._real = os.path.realpath(device_path)
+        self._rdev = _device_number(device_path)
+
+    def matches(self, disk: DiskSpec) -> bool:
+        for source in (disk.source_dev, disk.source_file):
+            if not source:
+                continue
+            if source == self.device_path or os.path.realpath(source) == self._real:
+                return True
+            if self._rdev is not None and _device_number(source) == self._rdev:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """One disk of one domain, from its live XML or its persistent config."""
+
+    domain: DomainInfo
+    where: Literal["live", "config"]
+    disk: DiskSpec
+
+
+def _disks_of(guests: Guests, domain: DomainInfo) -> list[DomainDisk]:
+    disks: list[DomainDisk] = []
+    try:
+        if domain.active:
+            live = parse_domain(guests.domain_xml(domain.uuid))
+            disks += [DomainDisk(domain, "live", d) for d in live.disks]
+        if domain.persistent:
+            config = parse_domain(guests.domain_xml(domain.uuid, inactive=True))
+            disks += [DomainDisk(domain, "config", d) for d in config.disks]
+    except DomainNotFound:  # undefined while we looked: it holds nothing any more
+        return []
+    return disks
+
+
+def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
+    """Every disk of every domain, live and config.
+
+    Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
+    taken as "unused".
+    """
+    return [dd for domain in guests.list_domains() for dd in _disks_of(guests, domain)]
+
+
+def references_in(disks: list[DomainDisk], device_path: str) -> list[DeviceReference]:
+    """The disks among ``disks`` whose source is ``device_path``."""
+    matcher = HostDeviceMatcher(device_path)
+    return [
+        DeviceReference(
+            domain_uuid=dd.domain.uuid,
+            domain_name=dd.domain.name,
+            where=dd.where,
+            alias=dd.disk.alias,
+            target_dev=dd.disk.target_dev,
+            source=dd.disk.source_dev or dd.disk.source_file or "",
+        )
+        for dd in disks
+        if matcher.matches(dd.disk)
+    ]
+
+
+def find_device_references(guests: Guests, device_path: str) -> list[DeviceReference]:
+    """Every disk, in any domain's live XML or persistent config, on ``device_path``."""
+    return references_in(scan_domain_disks(guests), device_path)

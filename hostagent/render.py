@@ -1,0 +1,108 @@
+"""Disk XML for an attach request, shared by the daemon and offline rendering.
+
+``hostagentctl xml`` renders what the daemon would attach, without a daemon,
+so an operator can ``virsh attach-device`` it by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import count
+from typing import Any
+
+from pydantic import ValidationError
+
+from hostagent.connectors import ConnectorRegistry, InvalidTarget, Target
+from hostagent.libvirt_xml.disk import DriveAddress
+from hostagent.libvirt_xml.placement import first_free_target_dev, target_dev_name
+from hostagent.libvirt_xml.policy import BlockSource, DiskPolicyError, DiskRequest, build_disk
+from hostagent.models import ConnectionInfo, describe_validation_error
+
+
+class OfflineRenderError(ValueError):
+    """The connection_info or options cannot make a disk; the message says why."""
+
+
+def disk_request(
+    *,
+    attachment_id: str,
+    serial: str,
+    device_path: str,
+    disk_format: str,
+    multiattach: bool,
+    mode: str,
+    bus: str,
+    target_dev: str,
+    address: DriveAddress | None,
+) -> DiskRequest:
+    """The policy input for a block device on the host."""
+    return DiskRequest(
+        attachment_id=attachment_id,
+        serial=serial,
+        source=BlockSource(dev=device_path),
+        multiattach=multiattach,
+        mode=mode,
+        bus=bus,
+        disk_format=disk_format,
+        target_dev=target_dev,
+        address=address,
+    )
+
+
+def default_unit(target_dev: str) -> int:
+    """The unit an offline render uses for ``sdX``: its index (sda 0, sdb 1, ...)."""
+    prefix = target_dev[:2]
+    for index in count():
+        name = target_dev_name(prefix, index)
+        if name == target_dev or len(name) > len(target_dev):
+            return index
+    raise AssertionError("unreachable")
+
+
+def offline_device_path(target: Target) -> str:
+    """Where the device will be on this host, without connecting (local only for now)."""
+    path = target.properties.get("device_path")
+    if not isinstance(path, str):
+        raise OfflineRenderError(
+            f"offline rendering does not support {target.driver_volume_type} yet"
+        )
+    return path
+
+
+def render_disk_xml(
+    connection_info: Mapping[str, Any],
+    *,
+    attachment_id: str,
+    serial: str,
+    multiattach: bool,
+    mode: str,
+    bus: str,
+    target_dev: str | None,
+    registry: ConnectorRegistry | None = None,
+) -> str:
+    """The disk XML hostagent would attach (controller 0, unit from the dev name)."""
+    try:
+        info = ConnectionInfo.model_validate(connection_info)
+        target = (
+            (registry or ConnectorRegistry.default())
+            .get(info.driver_volume_type)
+            .parse_target(info.data)
+        )
+        dev = target_dev or first_free_target_dev(bus, ())
+        address = DriveAddress(0, 0, 0, default_unit(dev)) if bus == "scsi" else None
+        request = disk_request(
+            attachment_id=attachment_id,
+            serial=serial,
+            device_path=offline_device_path(target),
+            disk_format=target.disk_format,
+            multiattach=multiattach,
+            mode=mode,
+            bus=bus,
+            target_dev=dev,
+            address=address,
+        )
+        return build_disk(request).to_xml()
+    except ValidationError as exc:
+        raise OfflineRenderError(describe_validation_error(exc)) from None
+    except (InvalidTarget, DiskPolicyError) as exc:
+        raise OfflineRenderError(str(exc)) from None

@@ -1,0 +1,503 @@
+"""AttachmentService: attach and detach orchestration, as DESIGN.md lays it out.
+
+The only module that combines connectors, libvirt_xml, guests and the store.
+Every step writes its intent to the store before it acts, so a crash at any
+point leaves a record that reconcile can finish or undo. Locks (see
+``hostagent.locks``) are held only around the steps that need them; a detach
+waits for the guest without holding any lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hostagent import connectors
+from hostagent.connectors import Connector, ConnectorError, HostDevice, InvalidTarget, Target
+from hostagent.errors import (
+    AttachmentConflict,
+    AttachmentIdReused,
+    AttachmentNotFound,
+    ConnectFailed,
+    DetachTimeout,
+    DisconnectFailed,
+    DomainNotFound,
+    HostagentError,
+    InvalidRequest,
+    LibvirtError,
+)
+from hostagent.guest_disks import GuestDisks, validate_disk_rules
+from hostagent.guests import DomainInfo, Guests
+from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
+from hostagent.locks import HostLocks
+from hostagent.models import Attachment, AttachRequest, DetachResult
+from hostagent.references import find_device_references
+from hostagent.store import (
+    AttachmentRecord,
+    AttachmentState,
+    ConnectionRecord,
+    ConnectionState,
+    Store,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    detach_timeout: float = 20.0
+    detach_retry_interval: float = 5.0
+    boot_id: str = ""
+
+
+def request_hash(domain_uuid: str, request: AttachRequest) -> str:
+    """Identity of an attach request, for the idempotency check (same id, same request)."""
+    canonical = request.model_dump(mode="json")
+    canonical["domain"] = domain_uuid
+    canonical["serial"] = request.serial or request.volume_id
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class AttachmentService:
+    """Attach/detach volumes to guests, one host connection per volume."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        guests: Guests,
+        registry: connectors.ConnectorRegistry,
+        locks: HostLocks,
+        settings: ServiceSettings,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.guests = guests
+        self.registry = registry
+        self.locks = locks
+        self.settings = settings
+        self._monotonic = monotonic
+        self._disks = GuestDisks(guests=guests, store=store, locks=locks)
+
+    # views
+
+    def view(self, record: AttachmentRecord) -> Attachment:
+        connection = self.store.get_connection(record.connection_key)
+        return Attachment(
+            attachment_id=record.attachment_id,
+            volume_id=record.volume_id,
+            domain_uuid=record.domain_uuid,
+            domain_name=record.domain_name,
+            state=record.state.value,
+            target_dev=record.target_dev,
+            bus=record.bus,
+            mode=record.mode,
+            multiattach=record.multiattach,
+            shareable=record.multiattach,
+            connection_key=record.connection_key,
+            device_path=connection.device_path if connection else None,
+            host_refcount=self.store.refcount(record.connection_key),
+            disk_xml=record.disk_xml,
+        )
+
+    def get(self, attachment_id: str) -> Attachment:
+        record = self.store.get_attachment(attachment_id)
+        if record is None:
+            raise AttachmentNotFound(f"no attachment {attachment_id}")
+        return self.view(record)
+
+    def list(self) -> list[Attachment]:
+        return [self.view(r) for r in self.store.list_attachments()]
+
+    # attach
+
+    def parse_target(self, request: AttachRequest) -> tuple[Connector, Target]:
+        """Validate everything about the request that needs no libvirt (400s)."""
+        info = request.connection_info
+        if info.data.get("encrypted") is True:
+            raise InvalidRequest("encrypted volumes are not supported by hostagent")
+        if info.data.get("access_mode") == "ro" and request.mode == "rw":
+            raise InvalidRequest("the volume is read-only (access_mode ro); request mode 'ro'")
+        try:
+            connector = self.registry.get(info.driver_volume_type)
+            target = connector.parse_target(info.data)
+            validate_disk_rules(request, target)
+        except (InvalidTarget, DiskPolicyError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        return connector, target
+
+    def attach(self, attachment_id: str, request: AttachRequest) -> tuple[Attachment, bool]:
+        """Attach; returns the attachment and whether this call created it (201 vs 200)."""
+        connector, target = self.parse_target(request)
+        domain = self.guests.lookup(request.domain)
+        digest = request_hash(domain.uuid, request)
+        with self.locks.attachment(attachment_id):
+            existing = self.store.get_attachment(attachment_id)
+            if existing is not None:
+                if existing.request_hash != digest:
+                    raise AttachmentConflict(
+                        f"attachment {attachment_id} exists with a different request"
+                    )
+                if existing.state is AttachmentState.DETACHING:
+                    raise AttachmentConflict(f"attachment {attachment_id} is being detached")
+                if existing.state is AttachmentState.ATTACHED:
+                    return self.view(existing), False
+                LOG.info("attachment %s: resuming an interrupted attach", attachment_id)
+                record = existing
+            else:
+                if self.store.get_tombstone(attachment_id) is not None:
+                    raise AttachmentIdReused(
+                        f"attachment id {attachment_id} was already detached; "
+                        "use a fresh id for a new attach"
+                    )
+                record = self._new_record(attachment_id, request, domain, target, digest)
+            made_connection = self._connect(record, connector, target, new=existing is None)
+            try:
+                record = self._disks.attach(record, request, target, self._device(record))
+            except HostagentError as exc:
+                LOG.warning(
+                    "attachment %s: attach to %s failed: %s; rolling back",
+                    attachment_id,
+                    domain.name,
+                    exc.message,
+                )
+                self._roll_back(record, connector, target, made_connection)
+                raise
+            self.store.set_attachment_state(attachment_id, AttachmentState.ATTACHED)
+            LOG.info(
+                "attachment %s: volume %s attached to %s as %s (%s, refcount %d)",
+                attachment_id,
+                record.volume_id,
+                domain.name,
+                record.target_dev,
+                target.connection_key,
+                self.store.refcount(target.connection_key),
+            )
+            attached = self.store.get_attachment(attachment_id)
+            assert attached is not None
+            return self.view(attached), True
+
+    def _new_record(
+        self,
+        attachment_id: str,
+        request: AttachRequest,
+        domain: DomainInfo,
+        target: Target,
+        digest: str,
+    ) -> AttachmentRecord:
+        now = time.time()
+        return AttachmentRecord(
+            attachment_id=attachment_id,
+            volume_id=request.volume_id,
+            domain_uuid=domain.uuid,
+            domain_name=domain.name,
+            connection_key=target.connection_key,
+            state=AttachmentState.ATTACHING,
+            multiattach=request.multiattach,
+            mode=request.mode,
+            bus=request.bus,
+            serial=request.serial or request.volume_id,
+            alias=user_alias(attachment_id),
+            request_hash=digest,
+            created_at=now,
+            updated_at=now,
+            target_dev=request.target_dev,
+        )
+
+    def _device(self, record: AttachmentRecord) -> HostDevice:
+        connection = self.store.get_connection(record.connection_key)
+        assert connection is not None and connection.state is ConnectionState.CONNECTED
+        return HostDevice(path=connection.device_path, device_info=connection.device_info or {})
+
+    def _connect(
+        self, record: AttachmentRecord, connector: Connector, target: Target, *, new: bool
+    ) -> bool:
+        """Record the attach intent and make the host connection if it is not up.
+
+        Returns True when this call made the connection.
+        """
+        with self.locks.connection(target.connection_key):
+            if new:
+                connection = self.store.begin_attach(
+                    record,
+                    ConnectionRecord(
+                        connection_key=target.connection_key,
+                        driver_volume_type=target.driver_volume_type,
+                        connection_data=dict(target.properties),
+                        disk_format=target.disk_format,
+                        state=ConnectionState.CONNECTING,
+                        boot_id=self.settings.boot_id,
+                        created_at=time.time(),
+                    ),
+                )
+            else:
+                found = self.store.get_connection(target.connection_key)
+                assert found is not None, "an attachment row always has its connection"
+                connection = found
+            if connection.state is ConnectionState.CONNECTED:
+                return False
+            if connection.state is not ConnectionState.CONNECTING:
+                self.store.set_connection_state(target.connection_key, ConnectionState.CONNECTING)
+            LOG.info("attachment %s: connecting %s", record.attachment_id, target.connection_key)
+            try:
+                device = connector.connect(target)
+            except ConnectorError as exc:
+                LOG.error(
+                    "attachment %s: connect %s failed: %s",
+                    record.attachment_id,
+                    target.connection_key,
+                    exc,
+                )
+                self.store.forget_attachment(record.attachment_id)
+                if self.store.refcount(target.connection_key) == 0:
+                    self._best_effort_disconnect(connector, target, None)
+                    self.store.drop_connection(target.connection_key)
+                raise ConnectFailed(f"connecting {target.connection_key} failed: {exc}") from None
+            self.store.set_connection_state(
+                target.connection_key,
+                ConnectionState.CONNECTED,
+                device_path=device.path,
+                device_info=device.device_info,
+                boot_id=self.settings.boot_id,
+            )
+            return True
+
+    def _best_effort_disconnect(
+        self, connector: Connector, target: Target, device: HostDevice | None
+    ) -> None:
+        try:
+            connector.disconnect(target, device or HostDevice(path=None, device_info={}))
+        except ConnectorError as exc:
+            LOG.warning("cleanup disconnect of %s failed: %s", target.connection_key, exc)
+
+    def _roll_back(
+        self, record: AttachmentRecord, connector: Connector, target: Target, made: bool
+    ) -> None:
+        """Undo a failed attach: remove any half-made disk, then the record and connection."""
+        try:
+            self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+        except HostagentError as exc:
+            LOG.error(
+                "attachment %s: rollback could not remove the disk (%s); keeping it as "
+                "detaching so the connection stays and a DELETE or reconcile finishes it",
+                record.attachment_id,
+                exc.message,
+            )
+            self.store.set_attachment_state(record.attachment_id, AttachmentState.DETACHING)
+            return
+        self._forget(record, may_disconnect=made)
+
+    def _forget(self, record: AttachmentRecord, *, may_disconnect: bool) -> None:
+        """Drop a record whose disk is not on its domain (no tombstone: the id
+        may be used again) and, if allowed, the connection nobody else uses."""
+        key = record.connection_key
+        with self.locks.connection(key):
+            self.store.forget_attachment(record.attachment_id)
+            if not may_disconnect or self.store.refcount(key) > 0:
+                return
+            connection = self.store.get_connection(key)
+            if connection is None or self._still_referenced(record, connection):
+                return
+            self.disconnect_unused(connection)
+
+    def roll_back_interrupted_attach(self, record: AttachmentRecord) -> None:
+        """Reconcile: an attach that died before its disk reached the domain."""
+        self._forget(record, may_disconnect=True)
+
+    def finish_interrupted_attach(self, record: AttachmentRecord, domain: DomainInfo) -> None:
+        """Reconcile: an attach that died after libvirt took the disk (maybe only
+        live or only config): complete what is missing and record it attached."""
+        assert record.disk_xml is not None
+        with self.locks.domain(domain.uuid):
+            in_live, in_config = self._disks.alias_presence(domain, record.alias)
+            need_live, need_config = (
+                domain.active and not in_live,
+                domain.persistent and not in_config,
+            )
+            if need_live or need_config:
+                self.guests.attach_device(
+                    domain.uuid, record.disk_xml, live=need_live, config=need_config
+                )
+        self.store.set_attachment_state(record.attachment_id, AttachmentState.ATTACHED)
+
+    def disk_presence(self, record: AttachmentRecord, domain: DomainInfo) -> tuple[bool, bool]:
+        """Whether the record's disk is in the domain's live XML / persistent config."""
+        return self._disks.alias_presence(domain, record.alias)
+
+    @staticmethod
+    def _target(connection: ConnectionRecord) -> tuple[Target, HostDevice]:
+        target = Target(
+            driver_volume_type=connection.driver_volume_type,
+            connection_key=connection.connection_key,
+            properties=connection.connection_data,
+            disk_format=connection.disk_format,
+        )
+        device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
+        return target, device
+
+    def reconnect(self, connection: ConnectionRecord) -> None:
+        """Bring a connection that has users back to ``connected`` (reconcile).
+        Caller holds the connection lock."""
+        connector = self.registry.get(connection.driver_volume_type)
+        target, _ = self._target(connection)
+        self.store.set_connection_state(connection.connection_key, ConnectionState.CONNECTING)
+        try:
+            device = connector.connect(target)
+        except ConnectorError as exc:
+            raise ConnectFailed(
+                f"reconnecting {connection.connection_key} failed: {exc}"
+            ) from None
+        self.store.set_connection_state(
+            connection.connection_key,
+            ConnectionState.CONNECTED,
+            device_path=device.path,
+            device_info=device.device_info,
+            boot_id=self.settings.boot_id,
+        )
+
+    def disconnect_unused(self, connection: ConnectionRecord) -> None:
+        """Disconnect and drop a connection no attachment uses. Caller holds the
+        connection lock and has checked that no domain references the device."""
+        self._disconnect(connection)
+        self.store.drop_connection(connection.connection_key)
+
+    # detach
+
+    def detach(self, attachment_id: str) -> DetachResult:
+        with self.locks.attachment(attachment_id):
+            record = self.store.get_attachment(attachment_id)
+            if record is None:
+                tombstone = self.store.get_tombstone(attachment_id)
+                if tombstone is None:
+                    raise AttachmentNotFound(f"no attachment {attachment_id}")
+                return DetachResult.model_validate(tombstone.result)
+            if record.state is not AttachmentState.DETACHING:
+                self.store.set_attachment_state(attachment_id, AttachmentState.DETACHING)
+            LOG.info(
+                "attachment %s: detaching volume %s from %s",
+                attachment_id,
+                record.volume_id,
+                record.domain_name,
+            )
+            self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+            return self.release(record)
+
+    def _disk_presence(self, record: AttachmentRecord) -> tuple[bool, bool] | None:
+        """(in live XML, in config) for the record's alias; None if the domain is gone."""
+        domain = self.guests.find(record.domain_uuid)
+        if domain is None:
+            return None
+        return self.disk_presence(record, domain)
+
+    def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> None:
+        """Detach the disk by alias and wait until libvirt confirms it is gone.
+
+        The waiter is registered before the detach call; the live XML is
+        re-read to confirm removal; the request is repeated every
+        ``detach_retry_interval`` until ``timeout``.
+        """
+        deadline = self._monotonic() + timeout
+        attempt = 0
+        while True:
+            presence = self._disk_presence(record)
+            if presence is None or presence == (False, False):
+                return
+            live, config = presence
+            remaining = deadline - self._monotonic()
+            if remaining <= 0:
+                raise DetachTimeout(
+                    f"guest {record.domain_name} did not release {record.alias} within "
+                    f"{timeout:g}s; the attachment stays detaching and the host connection "
+                    "stays; retry the DELETE"
+                )
+            attempt += 1
+            with self.guests.removals.expect(record.domain_uuid, record.alias) as pending:
+                try:
+                    with self.locks.domain(record.domain_uuid):
+                        self.guests.detach_alias(
+                            record.domain_uuid, record.alias, live=live, config=config
+                        )
+                except DomainNotFound:
+                    return
+                except LibvirtError as exc:
+                    # A repeated unplug request may be refused while the first is
+                    # pending; only a refusal of the first one is an answer.
+                    if attempt == 1 and self._disk_presence(record) == presence:
+                        raise
+                    LOG.debug(
+                        "attachment %s: detach attempt %d: %s",
+                        record.attachment_id,
+                        attempt,
+                        exc.message,
+                    )
+                if live:
+                    pending.event.wait(min(self.settings.detach_retry_interval, remaining))
+
+    def release(self, record: AttachmentRecord) -> DetachResult:
+        """Drop an attachment whose disk is gone; disconnect if it was the last user.
+
+        Never disconnects while any domain (live or config) references the
+        device. Raises DisconnectFailed (the attachment stays detaching) when
+        os-brick cannot release the connection.
+        """
+        key = record.connection_key
+        with self.locks.connection(key):
+            remaining = self.store.refcount(key) - 1
+            connection = self.store.get_connection(key)
+            assert connection is not None
+            disconnect = remaining == 0 and not self._still_referenced(record, connection)
+            if disconnect:
+                self._disconnect(connection)
+            result = DetachResult(
+                attachment_id=record.attachment_id,
+                connection_key=key,
+                host_refcount=remaining,
+                host_disconnected=disconnect,
+                terminate_connection=disconnect,
+            )
+            self.store.finish_detach(record, result.model_dump(), drop_connection=disconnect)
+        LOG.info(
+            "attachment %s: volume %s detached from %s; %s refcount %d%s",
+            record.attachment_id,
+            record.volume_id,
+            record.domain_name,
+            key,
+            remaining,
+            ", host connection released" if disconnect else "",
+        )
+        return result
+
+    def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
+        if connection.device_path is None:
+            return False
+        references = find_device_references(self.guests, connection.device_path)
+        for ref in references:
+            LOG.warning(
+                "attachment %s: %s is still used by domain %s (%s, disk %s); "
+                "keeping the host connection",
+                record.attachment_id,
+                connection.device_path,
+                ref.domain_name,
+                ref.where,
+                ref.alias or ref.target_dev,
+            )
+        return bool(references)
+
+    def _disconnect(self, connection: ConnectionRecord) -> None:
+        """os-brick disconnect, with the intent (``disconnecting``) recorded first."""
+        connector = self.registry.get(connection.driver_volume_type)
+        target, device = self._target(connection)
+        self.store.set_connection_state(connection.connection_key, ConnectionState.DISCONNECTING)
+        LOG.info("disconnecting %s (no users left)", connection.connection_key)
+        try:
+            connector.disconnect(target, device)
+        except ConnectorError as exc:
+            raise DisconnectFailed(
+                f"disconnecting {connection.connection_key} failed: {exc}; the connection "
+                "stays; retry the DELETE (or reconcile)"
+            ) from None

@@ -1,0 +1,493 @@
+"""Durable state in sqlite: host connections, attachments, tombstones.
+
+WAL journal with ``synchronous=FULL``: a committed step survives a crash or a
+power cut. The refcount of a connection is never stored; it is the number of
+attachment rows that reference it (any state), so it cannot drift from them.
+Every check-and-write runs in one ``BEGIN IMMEDIATE`` transaction, so two
+requests can never both pass a conflict check. The file holds what os-brick
+needs to disconnect (possibly credentials), hence mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hostagent.errors import (
+    AttachmentIdReused,
+    TargetDevInUse,
+    VolumeAlreadyAttached,
+    VolumeNotMultiattach,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS connections (
+    connection_key     TEXT PRIMARY KEY,
+    driver_volume_type TEXT NOT NULL,
+    connection_data    TEXT NOT NULL,
+    disk_format        TEXT NOT NULL,
+    device_path        TEXT,
+    device_info        TEXT,
+    state              TEXT NOT NULL
+        CHECK (state IN ('connecting', 'connected', 'disconnecting')),
+    boot_id            TEXT NOT NULL,
+    created_at         REAL NOT NULL,
+    connected_at       REAL
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    attachment_id  TEXT PRIMARY KEY,
+    volume_id      TEXT NOT NULL,
+    domain_uuid    TEXT NOT NULL,
+    domain_name    TEXT NOT NULL,
+    connection_key TEXT NOT NULL REFERENCES connections (connection_key),
+    state          TEXT NOT NULL CHECK (state IN ('attaching', 'attached', 'detaching')),
+    multiattach    INTEGER NOT NULL,
+    mode           TEXT NOT NULL,
+    bus            TEXT NOT NULL,
+    serial         TEXT NOT NULL,
+    alias          TEXT NOT NULL,
+    request_hash   TEXT NOT NULL,
+    target_dev     TEXT,
+    disk_xml       TEXT,
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    UNIQUE (domain_uuid, volume_id),
+    UNIQUE (domain_uuid, connection_key),
+    UNIQUE (domain_uuid, target_dev)
+);
+CREATE INDEX IF NOT EXISTS attachments_by_connection ON attachments (connection_key);
+CREATE INDEX IF NOT EXISTS attachments_by_volume ON attachments (volume_id);
+CREATE TABLE IF NOT EXISTS tombstones (
+    attachment_id TEXT PRIMARY KEY,
+    volume_id     TEXT NOT NULL,
+    domain_uuid   TEXT NOT NULL,
+    result        TEXT NOT NULL,
+    detached_at   REAL NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The state file cannot be used (corrupt, newer schema, unreadable)."""
+
+
+class AttachmentState(StrEnum):
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    DETACHING = "detaching"
+
+
+class ConnectionState(StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTING = "disconnecting"
+
+
+@dataclass(frozen=True)
+class ConnectionRecord:
+    """One host connection; ``connection_data`` is what os-brick needs to disconnect."""
+
+    connection_key: str
+    driver_volume_type: str
+    connection_data: Mapping[str, Any] = field(repr=False)
+    disk_format: str
+    state: ConnectionState
+    boot_id: str
+    created_at: float
+    device_path: str | None = None
+    device_info: Mapping[str, Any] | None = field(default=None, repr=False)
+    connected_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AttachmentRecord:
+    """One guest's use of a host connection."""
+
+    attachment_id: str
+    volume_id: str
+    domain_uuid: str
+    domain_name: str
+    connection_key: str
+    state: AttachmentState
+    multiattach: bool
+    mode: str
+    bus: str
+    serial: str
+    alias: str
+    request_hash: str
+    created_at: float
+    updated_at: float
+    target_dev: str | None = None
+    disk_xml: str | None = None
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A finished detach; ``result`` is the DELETE body, replayed on a retry."""
+
+    attachment_id: str
+    volume_id: str
+    domain_uuid: str
+    result: Mapping[str, Any]
+    detached_at: float
+
+
+def _connection_from_row(row: sqlite3.Row) -> ConnectionRecord:
+    return ConnectionRecord(
+        connection_key=row["connection_key"],
+        driver_volume_type=row["driver_volume_type"],
+        connection_data=json.loads(row["connection_data"]),
+        disk_format=row["disk_format"],
+        state=ConnectionState(row["state"]),
+        boot_id=row["boot_id"],
+        created_at=row["created_at"],
+        device_path=row["device_path"],
+        device_info=json.loads(row["device_info"]) if row["device_info"] else None,
+        connected_at=row["connected_at"],
+    )
+
+
+def _attachment_from_row(row: sqlite3.Row) -> AttachmentRecord:
+    return AttachmentRecord(
+        attachment_id=row["attachment_id"],
+        volume_id=row["volume_id"],
+        domain_uuid=row["domain_uuid"],
+        domain_name=row["domain_name"],
+        connection_key=row["connection_key"],
+        state=AttachmentState(row["state"]),
+        multiattach=bool(row["multiattach"]),
+        mode=row["mode"],
+        bus=row["bus"],
+        serial=row["serial"],
+        alias=row["alias"],
+        request_hash=row["request_hash"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        target_dev=row["target_dev"],
+        disk_xml=row["disk_xml"],
+    )
+
+
+class Store:
+    """The daemon's only sqlite connection, shared by threads under one mutex.
+
+    Writes are tiny; one serialised connection is simpler than a pool and
+    never sees ``database is locked``.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._mutex = threading.RLock()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.chmod(path, 0o600)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._check_and_migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"state file {path} is unusable: {exc}") from exc
+
+    def _check_and_migrate(self) -> None:
+        db = self._db
+        result = db.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise StoreError(f"state file {self.path} failed integrity check: {result}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state file {self.path} has schema {version}, newer than this "
+                f"hostagent's {SCHEMA_VERSION}"
+            )
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for sidecar in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self.path}{sidecar}", 0o600)
+
+    def close(self) -> None:
+        with self._mutex:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._mutex:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._mutex:
+            return self._db.execute(sql, params).fetchall()
+
+    # reads
+
+    def get_attachment(self, attachment_id: str) -> AttachmentRecord | None:
+        rows = self._read("SELECT * FROM attachments WHERE attachment_id = ?", (attachment_id,))
+        return _attachment_from_row(rows[0]) if rows else None
+
+    def list_attachments(
+        self, *, connection_key: str | None = None, domain_uuid: str | None = None
+    ) -> list[AttachmentRecord]:
+        sql, params = "SELECT * FROM attachments WHERE 1=1", []
+        if connection_key is not None:
+            sql += " AND connection_key = ?"
+            params.append(connection_key)
+        if domain_uuid is not None:
+            sql += " AND domain_uuid = ?"
+            params.append(domain_uuid)
+        rows = self._read(sql + " ORDER BY created_at, attachment_id", tuple(params))
+        return [_attachment_from_row(r) for r in rows]
+
+    def get_connection(self, connection_key: str) -> ConnectionRecord | None:
+        rows = self._read("SELECT * FROM connections WHERE connection_key = ?", (connection_key,))
+        return _connection_from_row(rows[0]) if rows else None
+
+    def list_connections(self) -> list[ConnectionRecord]:
+        rows = self._read("SELECT * FROM connections ORDER BY created_at, connection_key")
+        return [_connection_from_row(r) for r in rows]
+
+    def refcount(self, connection_key: str) -> int:
+        """Attachments (any state) that use the connection: the derived refcount."""
+        rows = self._read(
+            "SELECT count(*) FROM attachments WHERE connection_key = ?", (connection_key,)
+        )
+        return int(rows[0][0])
+
+    def get_tombstone(self, attachment_id: str) -> Tombstone | None:
+        rows = self._read("SELECT * FROM tombstones WHERE attachment_id = ?", (attachment_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return Tombstone(
+            attachment_id=row["attachment_id"],
+            volume_id=row["volume_id"],
+            domain_uuid=row["domain_uuid"],
+            result=json.loads(row["result"]),
+            detached_at=row["detached_at"],
+        )
+
+    # writes
+
+    def begin_attach(
+        self, attachment: AttachmentRecord, connection: ConnectionRecord
+    ) -> ConnectionRecord:
+        """Record the intent to attach (and to connect, if the connection is new).
+
+        Refuses, atomically, everything API.md orders after the id checks:
+        a reused id, the volume or device already on this domain, a
+        non-multiattach sharing, a target dev our records already hold.
+        Returns the connection row as it now stands.
+        """
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM tombstones WHERE attachment_id = ?", (attachment.attachment_id,)
+            ).fetchone():
+                raise AttachmentIdReused(
+                    f"attachment id {attachment.attachment_id} was already detached; "
+                    "use a fresh id for a new attach"
+                )
+            others = [
+                _attachment_from_row(r)
+                for r in db.execute(
+                    "SELECT * FROM attachments WHERE (volume_id = ? OR connection_key = ?)"
+                    " AND attachment_id != ?",
+                    (attachment.volume_id, attachment.connection_key, attachment.attachment_id),
+                )
+            ]
+            for other in others:
+                if other.domain_uuid == attachment.domain_uuid:
+                    raise VolumeAlreadyAttached(
+                        f"volume {other.volume_id} ({other.connection_key}) is already "
+                        f"attached to domain {other.domain_name} as {other.attachment_id}"
+                    )
+            for other in others:
+                if not (other.multiattach and attachment.multiattach):
+                    raise VolumeNotMultiattach(
+                        f"{other.connection_key} is already attached on this host "
+                        f"({other.attachment_id} on {other.domain_name}); sharing needs "
+                        "multiattach on both attachments"
+                    )
+            if (
+                attachment.target_dev is not None
+                and db.execute(
+                    "SELECT 1 FROM attachments WHERE domain_uuid = ? AND target_dev = ?",
+                    (attachment.domain_uuid, attachment.target_dev),
+                ).fetchone()
+            ):
+                raise TargetDevInUse(
+                    f"target dev {attachment.target_dev} is already used on "
+                    f"{attachment.domain_name}"
+                )
+            db.execute(
+                "INSERT OR IGNORE INTO connections (connection_key, driver_volume_type,"
+                " connection_data, disk_format, state, boot_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    connection.connection_key,
+                    connection.driver_volume_type,
+                    json.dumps(dict(connection.connection_data), sort_keys=True),
+                    connection.disk_format,
+                    ConnectionState.CONNECTING,
+                    connection.boot_id,
+                    self._clock(),
+                ),
+            )
+            self._insert_attachment(db, attachment)
+            row = db.execute(
+                "SELECT * FROM connections WHERE connection_key = ?", (connection.connection_key,)
+            ).fetchone()
+            return _connection_from_row(row)
+
+    def _insert_attachment(self, db: sqlite3.Connection, a: AttachmentRecord) -> None:
+        now = self._clock()
+        db.execute(
+            "INSERT INTO attachments (attachment_id, volume_id, domain_uuid, domain_name,"
+            " connection_key, state, multiattach, mode, bus, serial, alias, request_hash,"
+            " target_dev, disk_xml, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                a.attachment_id,
+                a.volume_id,
+                a.domain_uuid,
+                a.domain_name,
+                a.connection_key,
+                AttachmentState.ATTACHING,
+                int(a.multiattach),
+                a.mode,
+                a.bus,
+                a.serial,
+                a.alias,
+                a.request_hash,
+                a.target_dev,
+                a.disk_xml,
+                now,
+                now,
+            ),
+        )
+
+    def set_connection_state(
+        self,
+        connection_key: str,
+        state: ConnectionState,
+        *,
+        device_path: str | None = None,
+        device_info: Mapping[str, Any] | None = None,
+        boot_id: str | None = None,
+    ) -> None:
+        """Move a connection to ``state``; on ``connected`` record the device."""
+        with self._tx() as db:
+            if state is ConnectionState.CONNECTED:
+                db.execute(
+                    "UPDATE connections SET state = ?, device_path = ?, device_info = ?,"
+                    " connected_at = ?, boot_id = coalesce(?, boot_id)"
+                    " WHERE connection_key = ?",
+                    (
+                        state,
+                        device_path,
+                        json.dumps(dict(device_info or {}), sort_keys=True),
+                        self._clock(),
+                        boot_id,
+                        connection_key,
+                    ),
+                )
+            else:
+                db.execute(
+                    "UPDATE connections SET state = ? WHERE connection_key = ?",
+                    (state, connection_key),
+                )
+
+    def set_attachment_placement(
+        self, attachment_id: str, *, target_dev: str, disk_xml: str
+    ) -> None:
+        """Record the chosen target dev and disk XML before libvirt is asked."""
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT attachment_id FROM attachments WHERE target_dev = ? AND"
+                " domain_uuid = (SELECT domain_uuid FROM attachments WHERE attachment_id = ?)"
+                " AND attachment_id != ?",
+                (target_dev, attachment_id, attachment_id),
+            ).fetchone()
+            if clash:
+                raise TargetDevInUse(f"target dev {target_dev} is held by {clash[0]}")
+            db.execute(
+                "UPDATE attachments SET target_dev = ?, disk_xml = ?, updated_at = ?"
+                " WHERE attachment_id = ?",
+                (target_dev, disk_xml, self._clock(), attachment_id),
+            )
+
+    def set_attachment_state(self, attachment_id: str, state: AttachmentState) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attachments SET state = ?, updated_at = ? WHERE attachment_id = ?",
+                (state, self._clock(), attachment_id),
+            )
+
+    def forget_attachment(self, attachment_id: str) -> None:
+        """Drop a rolled-back attach: no tombstone, its id may be used again."""
+        with self._tx() as db:
+            db.execute("DELETE FROM attachments WHERE attachment_id = ?", (attachment_id,))
+
+    def finish_detach(
+        self,
+        attachment: AttachmentRecord,
+        result: Mapping[str, Any],
+        *,
+        drop_connection: bool,
+    ) -> None:
+        """Drop the attachment (and its connection if released) and write the tombstone."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM attachments WHERE attachment_id = ?", (attachment.attachment_id,)
+            )
+            if drop_connection:
+                db.execute(
+                    "DELETE FROM connections WHERE connection_key = ?",
+                    (attachment.connection_key,),
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO tombstones (attachment_id, volume_id, domain_uuid,"
+                " result, detached_at) VALUES (?, ?, ?, ?, ?)",
+                (
+                    attachment.attachment_id,
+                    attachment.volume_id,
+                    attachment.domain_uuid,
+                    json.dumps(dict(result), sort_keys=True),
+                    self._clock(),
+                ),
+            )
+
+    def drop_connection(self, connection_key: str) -> None:
+        """Remove a connection row that no attachment references any more."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM connections WHERE connection_key = ? AND NOT EXISTS"
+                " (SELECT 1 FROM attachments WHERE connection_key = ?)",
+                (connection_key, connection_key),
+            )
+
+    def purge_tombstones(self, older_than: float) -> int:
+        """Delete tombstones written before ``older_than`` (epoch seconds)."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM tombstones WHERE detached_at < ?", (older_than,))
+            return cur.rowcount
