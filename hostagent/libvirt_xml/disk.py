@@ -1,0 +1,130 @@
+"""libvirt domain XML for disks and controllers, as pure data (no policy here).
+
+Each field declares its xpath once; ``xmlmodel`` uses it both to format the
+``<disk>`` we attach and to parse the live domain XML libvirt returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hostagent.libvirt_xml.xmlmodel import (
+    XmlModel,
+    attr,
+    child,
+    children,
+    flag,
+    int_attr,
+    parse_xml,
+    text,
+)
+
+__all__ = [
+    "ControllerSpec",
+    "DiskSpec",
+    "DomainDevices",
+    "DriveAddress",
+    "SourceHost",
+    "parse_domain",
+]
+
+
+@dataclass(frozen=True)
+class DriveAddress(XmlModel):
+    """``<address type='drive' .../>``: where a disk sits on a SCSI controller."""
+
+    XML_ROOT = "address[@type='drive']"
+
+    controller: int = field(metadata=int_attr("./@controller"))
+    bus: int = field(metadata=int_attr("./@bus"))
+    target: int = field(metadata=int_attr("./@target"))
+    unit: int = field(metadata=int_attr("./@unit"))
+
+
+@dataclass(frozen=True)
+class SourceHost(XmlModel):
+    """``<host name= port=/>`` under a network disk's ``<source>`` (e.g. a Ceph monitor)."""
+
+    XML_ROOT = "host"
+
+    name: str = field(metadata=attr("./@name"))
+    port: str | None = field(default=None, metadata=attr("./@port"))
+
+
+@dataclass(frozen=True)
+class DiskSpec(XmlModel):
+    """One ``<disk>`` element: what we attach, or what a live domain already has."""
+
+    XML_ROOT = "disk"
+
+    disk_type: str = field(metadata=attr("./@type"))
+    device: str = field(default="disk", metadata=attr("./@device"))
+    driver_name: str | None = field(default="qemu", metadata=attr("./driver/@name"))
+    driver_type: str | None = field(default=None, metadata=attr("./driver/@type"))
+    driver_cache: str | None = field(default=None, metadata=attr("./driver/@cache"))
+    driver_io: str | None = field(default=None, metadata=attr("./driver/@io"))
+    source_dev: str | None = field(default=None, metadata=attr("./source/@dev"))
+    source_file: str | None = field(default=None, metadata=attr("./source/@file"))
+    source_protocol: str | None = field(default=None, metadata=attr("./source/@protocol"))
+    source_name: str | None = field(default=None, metadata=attr("./source/@name"))
+    # Only hosts with a name: an NBD unix-socket host has none and is not ours to model.
+    source_hosts: tuple[SourceHost, ...] = field(
+        default=(), metadata=children("./source/host[@name]", SourceHost)
+    )
+    auth_username: str | None = field(default=None, metadata=attr("./auth/@username"))
+    auth_secret_type: str | None = field(default=None, metadata=attr("./auth/secret/@type"))
+    auth_secret_uuid: str | None = field(default=None, metadata=attr("./auth/secret/@uuid"))
+    target_dev: str | None = field(default=None, metadata=attr("./target/@dev"))
+    target_bus: str | None = field(default=None, metadata=attr("./target/@bus"))
+    readonly: bool = field(default=False, metadata=flag("./readonly"))
+    shareable: bool = field(default=False, metadata=flag("./shareable"))
+    serial: str | None = field(default=None, metadata=text("./serial"))
+    alias: str | None = field(default=None, metadata=attr("./alias/@name"))
+    # A virtio disk's <address type='pci'> is not a drive address and reads as None.
+    address: DriveAddress | None = field(
+        default=None, metadata=child("./address[@type='drive']", DriveAddress)
+    )
+
+
+@dataclass(frozen=True)
+class ControllerSpec(XmlModel):
+    """``<controller type= index= model=/>``: we only need to find virtio-scsi ones."""
+
+    XML_ROOT = "controller"
+
+    controller_type: str = field(metadata=attr("./@type"))
+    index: int = field(metadata=int_attr("./@index"))
+    model: str | None = field(default=None, metadata=attr("./@model"))
+
+
+@dataclass(frozen=True)
+class DomainDevices(XmlModel):
+    """The parts of a domain's XML that attach/detach decisions look at."""
+
+    XML_ROOT = "domain"
+
+    uuid: str = field(metadata=text("./uuid"))
+    name: str = field(metadata=text("./name"))
+    disks: tuple[DiskSpec, ...] = field(default=(), metadata=children("./devices/disk", DiskSpec))
+    controllers: tuple[ControllerSpec, ...] = field(
+        default=(), metadata=children("./devices/controller", ControllerSpec)
+    )
+
+    def disk_by_alias(self, alias: str) -> DiskSpec | None:
+        """The disk whose ``<alias name=>`` is ``alias``, if the domain has one."""
+        return next((disk for disk in self.disks if disk.alias == alias), None)
+
+    def scsi_controller_indexes(self) -> tuple[int, ...]:
+        """Indexes of the virtio-scsi controllers, sorted: where drive addresses may point."""
+        return tuple(
+            sorted(
+                c.index
+                for c in self.controllers
+                if c.controller_type == "scsi" and c.model == "virtio-scsi"
+            )
+        )
+
+
+def parse_domain(xml: str | bytes) -> DomainDevices:
+    """Parse ``virDomainGetXMLDesc`` output (live or inactive) into ``DomainDevices``."""
+    return DomainDevices.from_element(parse_xml(xml))
