@@ -125,6 +125,10 @@ async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: flo
     await runner.cleanup()
 
 
+def _already_stopping(signum: int, frame: object) -> None:
+    LOG.info("signal %d: already stopping", signum)
+
+
 def setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
@@ -171,6 +175,10 @@ def run(conf: cfg.ConfigOpts) -> int:
         try:
             asyncio.run(serve(app, sock, shutdown_timeout=conf.detach_timeout + 30))
         finally:
+            # asyncio restored the default handlers; a repeated SIGTERM must not
+            # cut the clean shutdown short.
+            signal.signal(signal.SIGTERM, _already_stopping)
+            signal.signal(signal.SIGINT, _already_stopping)
             periodic.stop()
             executor.shutdown(wait=True)
             guests.stop()

@@ -10,7 +10,13 @@ from dataclasses import replace
 from hostagent.connectors import HostDevice, Target
 from hostagent.errors import InvalidRequest, LibvirtError, TargetDevInUse
 from hostagent.guests import DomainInfo, Guests
-from hostagent.libvirt_xml.disk import ControllerSpec, DomainDevices, DriveAddress, parse_domain
+from hostagent.libvirt_xml.disk import (
+    ControllerSpec,
+    DomainDevices,
+    DriveAddress,
+    parse_disk_refs,
+    parse_domain,
+)
 from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
 from hostagent.libvirt_xml.policy import build_disk
 from hostagent.locks import HostLocks
@@ -97,7 +103,13 @@ class GuestDisks:
 
     def alias_presence(self, domain: DomainInfo, alias: str) -> tuple[bool, bool]:
         """Whether the disk ``alias`` is in the live XML / the persistent config."""
-        return _DomainView(self.guests, domain).presence(alias)
+        in_live = domain.active and parse_disk_refs(self.guests.domain_xml(domain.uuid)).has_alias(
+            alias
+        )
+        in_config = domain.persistent and parse_disk_refs(
+            self.guests.domain_xml(domain.uuid, inactive=True)
+        ).has_alias(alias)
+        return in_live, in_config
 
     def attach(
         self,
@@ -105,10 +117,10 @@ class GuestDisks:
         request: AttachRequest,
         target: Target,
         device: HostDevice,
+        domain: DomainInfo,
     ) -> AttachmentRecord:
         """Attach the record's disk to whatever of live/config does not have it yet."""
         with self.locks.domain(record.domain_uuid):
-            domain = self.guests.lookup(record.domain_uuid)
             view = _DomainView(self.guests, domain)
             in_live, in_config = view.presence(record.alias)
             need_live = domain.active and not in_live

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,10 @@ def _run_event_loop() -> None:
             LOG.exception("libvirt event loop iteration failed")
 
 
+def _ignore_libvirt_error(opaque: Any, error: Any) -> None:
+    """libvirt's default handler prints to stderr; errors are raised and logged instead."""
+
+
 def start_event_loop() -> None:
     """Register libvirt's default event implementation and run it in a thread.
 
@@ -54,6 +59,9 @@ def start_event_loop() -> None:
     with _event_loop_lock:
         if _event_loop_thread:
             return
+        # libvirt-python prints every error to stderr by default; we log
+        # the ones that matter ourselves, with context.
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
         libvirt.virEventRegisterDefaultImpl()
         thread = threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True)
         thread.start()
@@ -143,6 +151,10 @@ class Guests:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._connected_listeners: list[ConnectionListener] = []
+        # virDomain handles by UUID, for this connection only. libvirt resolves
+        # a handle by UUID on every call, so a cached one is never stale; it
+        # saves a lookup round trip per call.
+        self._handles: dict[str, Any] = {}
         self._supervisor: threading.Thread | None = None
 
     # connection management
@@ -201,6 +213,7 @@ class Guests:
             return False
         with self._mutex:
             self._conn = conn
+            self._handles = {}
         LOG.info("connected to libvirt %s", self.uri)
         for listener in self._connected_listeners:
             try:
@@ -231,6 +244,7 @@ class Guests:
             if self._conn is not conn:
                 return
             self._conn = None
+            self._handles = {}
         self._wake.set()
 
     def _device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
@@ -265,7 +279,8 @@ class Guests:
 
     def _domain(self, conn: Any, name_or_uuid: str) -> Any:
         lookups = [conn.lookupByName]
-        if len(name_or_uuid) == 36 and name_or_uuid.count("-") == 4:
+        with contextlib.suppress(ValueError):
+            uuid.UUID(name_or_uuid)
             lookups.insert(0, conn.lookupByUUIDString)
         last: libvirt.libvirtError | None = None
         for lookup in lookups:
@@ -285,20 +300,44 @@ class Guests:
         except libvirt.libvirtError as exc:
             raise self._translate(conn, exc, what) from exc
 
+    def _remember(self, dom: Any) -> Any:
+        self._handles[str(dom.UUIDString())] = dom
+        return dom
+
+    def _on_domain(self, domain_uuid: str, what: str, fn: Callable[[Any], Any]) -> Any:
+        """Call ``fn(virDomain)`` on a cached handle (looked up on first use)."""
+
+        def run(conn: Any) -> Any:
+            dom = self._handles.get(domain_uuid)
+            if dom is None:
+                dom = self._remember(conn.lookupByUUIDString(domain_uuid))
+            try:
+                return fn(dom)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    self._handles.pop(domain_uuid, None)
+                raise
+
+        return self._call(f"{what} domain {domain_uuid}", run)
+
+    @staticmethod
+    def _info(dom: Any) -> DomainInfo:
+        # A domain handle carries its id from the lookup: -1 means inactive,
+        # so only persistence costs a round trip.
+        return DomainInfo(
+            uuid=str(dom.UUIDString()),
+            name=str(dom.name()),
+            active=int(dom.ID()) != -1,
+            persistent=bool(dom.isPersistent()),
+        )
+
     def lookup(self, name_or_uuid: str) -> DomainInfo:
         """The domain by UUID or name; DomainNotFound if there is none."""
-
-        def run(conn: Any) -> DomainInfo:
-            dom = self._domain(conn, name_or_uuid)
-            return DomainInfo(
-                uuid=str(dom.UUIDString()),
-                name=str(dom.name()),
-                active=bool(dom.isActive()),
-                persistent=bool(dom.isPersistent()),
-            )
-
         try:
-            info: DomainInfo = self._call(f"domain {name_or_uuid}", run)
+            info: DomainInfo = self._call(
+                f"domain {name_or_uuid}",
+                lambda conn: self._info(self._remember(self._domain(conn, name_or_uuid))),
+            )
         except DomainNotFound:
             raise DomainNotFound(
                 f"no libvirt domain named or with UUID {name_or_uuid!r}"
@@ -313,19 +352,23 @@ class Guests:
             return None
 
     def list_domains(self) -> list[DomainInfo]:
+        """Every domain, live or defined, in two round trips whatever their number."""
+
         def run(conn: Any) -> list[DomainInfo]:
-            found = []
-            for dom in conn.listAllDomains(0):
-                with contextlib.suppress(libvirt.libvirtError):  # vanished meanwhile
-                    found.append(
-                        DomainInfo(
-                            uuid=str(dom.UUIDString()),
-                            name=str(dom.name()),
-                            active=bool(dom.isActive()),
-                            persistent=bool(dom.isPersistent()),
-                        )
-                    )
-            return found
+            active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            persistent = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+            active_uuids = {str(d.UUIDString()) for d in active}
+            persistent_uuids = {str(d.UUIDString()) for d in persistent}
+            by_uuid = {str(d.UUIDString()): str(d.name()) for d in [*active, *persistent]}
+            return [
+                DomainInfo(
+                    uuid=uuid,
+                    name=name,
+                    active=uuid in active_uuids,
+                    persistent=uuid in persistent_uuids,
+                )
+                for uuid, name in sorted(by_uuid.items(), key=lambda item: item[1])
+            ]
 
         domains: list[DomainInfo] = self._call("list domains", run)
         return domains
@@ -333,10 +376,7 @@ class Guests:
     def domain_xml(self, domain_uuid: str, *, inactive: bool = False) -> str:
         """Live XML (or the persistent config with ``inactive``)."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        xml: str = self._call(
-            f"domain {domain_uuid}",
-            lambda conn: str(conn.lookupByUUIDString(domain_uuid).XMLDesc(flags)),
-        )
+        xml: str = self._on_domain(domain_uuid, "XML of", lambda dom: str(dom.XMLDesc(flags)))
         return xml
 
     @staticmethod
@@ -350,22 +390,19 @@ class Guests:
 
     def attach_device(self, domain_uuid: str, xml: str, *, live: bool, config: bool) -> None:
         flags = self._affect(live, config)
-        self._call(
-            f"attach device to domain {domain_uuid}",
-            lambda conn: conn.lookupByUUIDString(domain_uuid).attachDeviceFlags(xml, flags),
+        self._on_domain(
+            domain_uuid, "attach device to", lambda dom: dom.attachDeviceFlags(xml, flags)
         )
 
     def detach_device(self, domain_uuid: str, xml: str, *, live: bool, config: bool) -> None:
         flags = self._affect(live, config)
-        self._call(
-            f"detach device from domain {domain_uuid}",
-            lambda conn: conn.lookupByUUIDString(domain_uuid).detachDeviceFlags(xml, flags),
+        self._on_domain(
+            domain_uuid, "detach device from", lambda dom: dom.detachDeviceFlags(xml, flags)
         )
 
     def detach_alias(self, domain_uuid: str, alias: str, *, live: bool, config: bool) -> None:
         """Ask for removal of device ``alias``; returns before a live unplug completes."""
         flags = self._affect(live, config)
-        self._call(
-            f"detach {alias} from domain {domain_uuid}",
-            lambda conn: conn.lookupByUUIDString(domain_uuid).detachDeviceAlias(alias, flags),
+        self._on_domain(
+            domain_uuid, f"detach {alias} from", lambda dom: dom.detachDeviceAlias(alias, flags)
         )

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 from hostagent.errors import DomainNotFound
 from hostagent.guests import DomainInfo, Guests
-from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
+from hostagent.libvirt_xml.disk import DiskRef, parse_disk_refs
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class HostDeviceMatcher:
         self._real = os.path.realpath(device_path)
         self._rdev = _device_number(device_path)
 
-    def matches(self, disk: DiskSpec) -> bool:
+    def matches(self, disk: DiskRef) -> bool:
         for source in (disk.source_dev, disk.source_file):
             if not source:
                 continue
@@ -64,21 +65,26 @@ class DomainDisk:
 
     domain: DomainInfo
     where: Literal["live", "config"]
-    disk: DiskSpec
+    disk: DiskRef
 
 
 def _disks_of(guests: Guests, domain: DomainInfo) -> list[DomainDisk]:
     disks: list[DomainDisk] = []
     try:
         if domain.active:
-            live = parse_domain(guests.domain_xml(domain.uuid))
+            live = parse_disk_refs(guests.domain_xml(domain.uuid))
             disks += [DomainDisk(domain, "live", d) for d in live.disks]
         if domain.persistent:
-            config = parse_domain(guests.domain_xml(domain.uuid, inactive=True))
+            config = parse_disk_refs(guests.domain_xml(domain.uuid, inactive=True))
             disks += [DomainDisk(domain, "config", d) for d in config.disks]
     except DomainNotFound:  # undefined while we looked: it holds nothing any more
         return []
     return disks
+
+
+# XML of many domains is fetched concurrently: the round trips overlap on
+# libvirt's one (thread-safe) connection.
+_FETCHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="domain-scan")
 
 
 def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
@@ -87,7 +93,11 @@ def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
     Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
     taken as "unused".
     """
-    return [dd for domain in guests.list_domains() for dd in _disks_of(guests, domain)]
+    domains = guests.list_domains()
+    if len(domains) <= 1:
+        return [dd for domain in domains for dd in _disks_of(guests, domain)]
+    per_domain = _FETCHERS.map(lambda domain: _disks_of(guests, domain), domains)
+    return [dd for disks in per_domain for dd in disks]
 
 
 def references_in(disks: list[DomainDisk], device_path: str) -> list[DeviceReference]:

@@ -32,6 +32,7 @@ from hostagent.errors import (
 )
 from hostagent.guest_disks import GuestDisks, validate_disk_rules
 from hostagent.guests import DomainInfo, Guests
+from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
 from hostagent.locks import HostLocks
 from hostagent.models import Attachment, AttachRequest, DetachResult
@@ -158,7 +159,7 @@ class AttachmentService:
                 record = self._new_record(attachment_id, request, domain, target, digest)
             made_connection = self._connect(record, connector, target, new=existing is None)
             try:
-                record = self._disks.attach(record, request, target, self._device(record))
+                record = self._disks.attach(record, request, target, self._device(record), domain)
             except HostagentError as exc:
                 LOG.warning(
                     "attachment %s: attach to %s failed: %s; rolling back",
@@ -397,17 +398,19 @@ class AttachmentService:
     def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> None:
         """Detach the disk by alias and wait until libvirt confirms it is gone.
 
-        The waiter is registered before the detach call; the live XML is
-        re-read to confirm removal; the request is repeated every
-        ``detach_retry_interval`` until ``timeout``.
+        The first request is optimistic (live if running, config if
+        persistent); a refusal sends us to the XML to see where the disk
+        really is. The waiter is registered before each detach call, the
+        live XML is re-read to confirm removal, and the request is repeated
+        every ``detach_retry_interval`` until ``timeout``.
         """
         deadline = self._monotonic() + timeout
-        attempt = 0
-        while True:
-            presence = self._disk_presence(record)
-            if presence is None or presence == (False, False):
-                return
-            live, config = presence
+        domain = self.guests.find(record.domain_uuid)
+        if domain is None:
+            return
+        presence = (domain.active, domain.persistent)
+        accepted = False  # libvirt took a request that matched where the disk was
+        while presence != (False, False):
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 raise DetachTimeout(
@@ -415,7 +418,7 @@ class AttachmentService:
                     f"{timeout:g}s; the attachment stays detaching and the host connection "
                     "stays; retry the DELETE"
                 )
-            attempt += 1
+            live, config = presence
             with self.guests.removals.expect(record.domain_uuid, record.alias) as pending:
                 try:
                     with self.locks.domain(record.domain_uuid):
@@ -425,18 +428,30 @@ class AttachmentService:
                 except DomainNotFound:
                     return
                 except LibvirtError as exc:
-                    # A repeated unplug request may be refused while the first is
-                    # pending; only a refusal of the first one is an answer.
-                    if attempt == 1 and self._disk_presence(record) == presence:
-                        raise
+                    actual = self._disk_presence(record)
+                    if actual is None or actual != presence:
+                        presence = actual or (False, False)
+                        continue  # we asked for the wrong places: ask again right
+                    if not accepted:
+                        raise  # a refusal of a right request is libvirt's answer
+                    # A repeated unplug may be refused while the first is pending.
                     LOG.debug(
-                        "attachment %s: detach attempt %d: %s",
+                        "attachment %s: repeated detach refused: %s",
                         record.attachment_id,
-                        attempt,
                         exc.message,
                     )
+                accepted = True
                 if live:
                     pending.event.wait(min(self.settings.detach_retry_interval, remaining))
+            # The config part is done once libvirt accepted it; confirm the live part.
+            presence = (live and self._in_live_xml(record), False)
+
+    def _in_live_xml(self, record: AttachmentRecord) -> bool:
+        try:
+            xml = self.guests.domain_xml(record.domain_uuid)
+        except DomainNotFound:
+            return False
+        return parse_disk_refs(xml).has_alias(record.alias)
 
     def release(self, record: AttachmentRecord) -> DetachResult:
         """Drop an attachment whose disk is gone; disconnect if it was the last user.

@@ -180,16 +180,19 @@ def _attachment_from_row(row: sqlite3.Row) -> AttachmentRecord:
 
 
 class Store:
-    """The daemon's only sqlite connection, shared by threads under one mutex.
+    """sqlite state shared by the daemon's threads.
 
-    Writes are tiny; one serialised connection is simpler than a pool and
-    never sees ``database is locked``.
+    All writes go through one connection under a mutex (tiny transactions,
+    never ``database is locked``); each thread reads through its own
+    connection, which WAL lets proceed while a commit is being synced.
     """
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
         self._mutex = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
@@ -223,7 +226,21 @@ class Store:
 
     def close(self) -> None:
         with self._mutex:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        reader: sqlite3.Connection | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            reader.row_factory = sqlite3.Row
+            reader.execute("PRAGMA query_only=ON")
+            self._local.reader = reader
+            with self._mutex:
+                self._readers.append(reader)
+        return reader
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -237,8 +254,7 @@ class Store:
             self._db.execute("COMMIT")
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._mutex:
-            return self._db.execute(sql, params).fetchall()
+        return self._reader().execute(sql, params).fetchall()
 
     # reads
 

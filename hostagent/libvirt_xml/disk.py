@@ -6,7 +6,9 @@ Each field declares its xpath once; ``xmlmodel`` uses it both to format the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from hostagent.libvirt_xml.xmlmodel import (
     XmlModel,
@@ -21,10 +23,13 @@ from hostagent.libvirt_xml.xmlmodel import (
 
 __all__ = [
     "ControllerSpec",
+    "DiskRef",
     "DiskSpec",
     "DomainDevices",
+    "DomainDiskRefs",
     "DriveAddress",
     "SourceHost",
+    "parse_disk_refs",
     "parse_domain",
 ]
 
@@ -123,6 +128,43 @@ class DomainDevices(XmlModel):
                 if c.controller_type == "scsi" and c.model == "virtio-scsi"
             )
         )
+
+
+def _as_in_disk_spec(name: str) -> Mapping[str, Any]:
+    """The metadata of DiskSpec's field ``name``: a slimmer view reuses the declaration."""
+    return DiskSpec.__dataclass_fields__[name].metadata
+
+
+@dataclass(frozen=True)
+class DiskRef(XmlModel):
+    """What a ``<disk>`` uses and how it is named: DiskSpec's declarations for just
+    these fields, so scanning every domain for a device reads a fifth as much."""
+
+    XML_ROOT = "disk"
+
+    alias: str | None = field(default=None, metadata=_as_in_disk_spec("alias"))
+    target_dev: str | None = field(default=None, metadata=_as_in_disk_spec("target_dev"))
+    source_dev: str | None = field(default=None, metadata=_as_in_disk_spec("source_dev"))
+    source_file: str | None = field(default=None, metadata=_as_in_disk_spec("source_file"))
+    source_protocol: str | None = field(default=None, metadata=_as_in_disk_spec("source_protocol"))
+    source_name: str | None = field(default=None, metadata=_as_in_disk_spec("source_name"))
+
+
+@dataclass(frozen=True)
+class DomainDiskRefs(XmlModel):
+    """The disks of a domain as ``DiskRef``s."""
+
+    XML_ROOT = "domain"
+
+    disks: tuple[DiskRef, ...] = field(default=(), metadata=children("./devices/disk", DiskRef))
+
+    def has_alias(self, alias: str) -> bool:
+        return any(disk.alias == alias for disk in self.disks)
+
+
+def parse_disk_refs(xml: str | bytes) -> DomainDiskRefs:
+    """Parse only what each disk of a domain uses and how it is named."""
+    return DomainDiskRefs.from_element(parse_xml(xml))
 
 
 def parse_domain(xml: str | bytes) -> DomainDevices:

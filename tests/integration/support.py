@@ -1,0 +1,266 @@
+"""Real parts for integration tests: loop devices, KVM guests, a hostagentd process.
+
+Nothing here is a fake: guests are real QEMU/KVM domains of the host's
+libvirtd (q35, a virtio-scsi controller, no OS: SeaBIOS idles), devices are
+real loop devices, and the daemon is the installed ``hostagentd`` program
+driven over its unix socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+from lxml import etree
+
+from hostagent.client import ApiError, HostagentClient
+
+LIBVIRT_URI = "qemu:///system"
+GUEST_PREFIX = "hatest-"
+
+
+def run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class LoopDevices:
+    """Sparse files attached to loop devices, detached again at cleanup."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.devices: list[str] = []
+        self._count = itertools.count()
+
+    def make(self, size_mb: int = 16) -> str:
+        backing = self.directory / f"loop-{next(self._count)}.img"
+        with backing.open("wb") as f:
+            f.truncate(size_mb * 1024 * 1024)
+        device = run("losetup", "--find", "--show", str(backing))
+        self.devices.append(device)
+        return device
+
+    def cleanup(self) -> None:
+        for device in self.devices:
+            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+        self.devices.clear()
+
+
+def guest_xml(name: str, *, virtio_scsi: bool = True, root_ports: int = 4) -> str:
+    """A firmware-only q35 guest: hotplug of SCSI disks needs no guest help."""
+    ports = "\n".join(
+        "    <controller type='pci' model='pcie-root-port'/>" for _ in range(root_ports)
+    )
+    scsi = "    <controller type='scsi' index='0' model='virtio-scsi'/>" if virtio_scsi else ""
+    return f"""<domain type='kvm'>
+  <name>{name}</name>
+  <uuid>{uuid.uuid4()}</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <controller type='pci' model='pcie-root'/>
+{ports}
+{scsi}
+  </devices>
+</domain>"""
+
+
+@dataclass
+class Guest:
+    """A test domain, with helpers that read what libvirt and QEMU say now."""
+
+    conn: Any
+    name: str
+    uuid: str
+    persistent: bool
+
+    @property
+    def dom(self) -> Any:
+        return self.conn.lookupByUUIDString(self.uuid)
+
+    def xml(self, *, inactive: bool = False) -> etree._Element:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return etree.fromstring(self.dom.XMLDesc(flags).encode())
+
+    def disks(self, *, inactive: bool = False) -> list[etree._Element]:
+        return list(self.xml(inactive=inactive).findall("./devices/disk"))
+
+    def disk(self, alias: str, *, inactive: bool = False) -> etree._Element | None:
+        for disk in self.disks(inactive=inactive):
+            found = disk.find("./alias")
+            if found is not None and found.get("name") == alias:
+                return disk
+        return None
+
+    def aliases(self, *, inactive: bool = False) -> set[str]:
+        return {
+            a.get("name", "")
+            for d in self.disks(inactive=inactive)
+            if (a := d.find("./alias")) is not None
+        }
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        payload: dict[str, Any] = {"execute": command}
+        if arguments:
+            payload["arguments"] = arguments
+        reply = libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps(payload), 0)
+        return json.loads(reply)["return"]
+
+    def open_block_devices(self) -> dict[str, str]:
+        """qdev id -> host file, from QEMU's own ``query-block``."""
+        found = {}
+        for entry in self.qmp("query-block"):
+            inserted = entry.get("inserted")
+            if inserted:
+                found[entry.get("qdev") or entry.get("device")] = inserted["file"]
+        return found
+
+    def attach_raw(self, xml: str) -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if self.persistent:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        self.dom.attachDeviceFlags(xml, flags)
+
+
+class Guests:
+    """Creates guests and removes every one of them at cleanup."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.created: list[Guest] = []
+        self._count = itertools.count()
+
+    def make(
+        self, *, persistent: bool = False, virtio_scsi: bool = True, root_ports: int = 4
+    ) -> Guest:
+        name = f"{GUEST_PREFIX}{os.getpid()}-{next(self._count)}"
+        xml = guest_xml(name, virtio_scsi=virtio_scsi, root_ports=root_ports)
+        if persistent:
+            dom = self.conn.defineXML(xml)
+            dom.create()
+        else:
+            dom = self.conn.createXML(xml, 0)
+        guest = Guest(self.conn, name, dom.UUIDString(), persistent)
+        self.created.append(guest)
+        return guest
+
+    def cleanup(self) -> None:
+        for guest in self.created:
+            remove_domain(self.conn, guest.uuid)
+        self.created.clear()
+
+
+def remove_domain(conn: Any, domain_uuid: str) -> None:
+    try:
+        dom = conn.lookupByUUIDString(domain_uuid)
+    except libvirt.libvirtError:
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isPersistent():
+            dom.undefine()
+
+
+def remove_stale_guests(conn: Any) -> None:
+    """Domains left by an earlier, killed test run."""
+    for dom in conn.listAllDomains(0):
+        if dom.name().startswith(GUEST_PREFIX):
+            remove_domain(conn, dom.UUIDString())
+
+
+@dataclass
+class Daemon:
+    """A real hostagentd process on a private state dir and socket."""
+
+    state_dir: Path
+    socket_path: Path
+    log_path: Path
+    options: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "hostagent.daemon",
+            "--config-file",
+            "/dev/null",
+            "--state-dir",
+            str(self.state_dir),
+            "--socket-path",
+            str(self.socket_path),
+            "--libvirt-uri",
+            LIBVIRT_URI,
+        ]
+        for key, value in self.options.items():
+            args += [f"--{key}", value]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"hostagentd exited {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(ApiError):
+                self.client.health()
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"hostagentd did not answer within {timeout}s:\n{self.log()}")
+
+    @property
+    def client(self) -> HostagentClient:
+        return HostagentClient(str(self.socket_path))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def local_request(
+    device: str, domain: Guest | str, *, volume_id: str, **extra: Any
+) -> dict[str, Any]:
+    """An attach body for a ``local`` device."""
+    body: dict[str, Any] = {
+        "volume_id": volume_id,
+        "domain": domain if isinstance(domain, str) else domain.name,
+        "connection_info": {"driver_volume_type": "local", "data": {"device_path": device}},
+    }
+    body.update(extra)
+    return body
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,150 @@
+"""Bad input gets a clear 4xx and changes nothing in libvirt or the store."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostagent.client import ApiError, HostagentClient
+from tests.integration.support import Daemon, Guest, Guests, LoopDevices, local_request, unique
+
+
+@pytest.fixture
+def dev_symlink_out() -> Iterator[str]:
+    """A symlink under /dev that points outside it."""
+    link = Path(f"/dev/hatest-escape-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    link.symlink_to("/etc/passwd")
+    yield str(link)
+    link.unlink(missing_ok=True)
+
+
+def snapshot(daemon: Daemon, guest: Guest) -> tuple[Any, ...]:
+    db = sqlite3.connect(daemon.state_dir / "hostagent.sqlite3")
+    try:
+        rows = tuple(
+            tuple(db.execute(f"SELECT * FROM {table}").fetchall())  # noqa: S608
+            for table in ("connections", "attachments", "tombstones")
+        )
+    finally:
+        db.close()
+    return rows, len(guest.disks()), daemon.client.list(), daemon.client.connections()
+
+
+def raw(client: HostagentClient, method: str, path: str, payload: bytes) -> tuple[int, Any]:
+    """Send bytes as they are (the client would encode them)."""
+    conn = http.client.HTTPConnection("localhost")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(client.socket_path)
+    conn.sock = sock
+    conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, json.loads(body)
+
+
+def test_bad_requests_are_refused_and_change_nothing(
+    daemon: Daemon, guests: Guests, loops: LoopDevices, dev_symlink_out: str, tmp_path: Path
+) -> None:
+    guest = guests.make()
+    device = loops.make()
+    client = daemon.client
+    regular_file = tmp_path / "not-a-device"
+    regular_file.write_bytes(b"x" * 4096)
+    shm_file = Path(f"/dev/shm/hatest-{os.getpid()}")
+    shm_file.write_bytes(b"x")
+    good = local_request(device, guest, volume_id="vol-1", multiattach=True)
+
+    def with_data(**data: Any) -> dict[str, Any]:
+        return dict(good, connection_info={"driver_volume_type": "local", "data": data})
+
+    bad_bodies: list[tuple[str, Any, int, str]] = [
+        ("empty object", {}, 400, "invalid_request"),
+        (
+            "missing domain",
+            {k: v for k, v in good.items() if k != "domain"},
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown protocol",
+            dict(good, connection_info={"driver_volume_type": "nfs", "data": {}}),
+            400,
+            "invalid_request",
+        ),
+        ("no device path", with_data(), 400, "invalid_request"),
+        ("/etc/passwd", with_data(device_path="/etc/passwd"), 400, "invalid_request"),
+        ("traversal", with_data(device_path="/dev/../etc/passwd"), 400, "invalid_request"),
+        ("relative", with_data(device_path="dev/loop0"), 400, "invalid_request"),
+        ("symlink out of /dev", with_data(device_path=dev_symlink_out), 400, "invalid_request"),
+        ("regular file", with_data(device_path=str(regular_file)), 400, "invalid_request"),
+        ("file under /dev", with_data(device_path=str(shm_file)), 400, "invalid_request"),
+        ("missing device", with_data(device_path="/dev/hatest-nothing"), 400, "invalid_request"),
+        ("device path not a string", with_data(device_path=7), 400, "invalid_request"),
+        ("qcow2 shareable", with_data(device_path=device, format="qcow2"), 400, "invalid_request"),
+        ("encrypted", with_data(device_path=device, encrypted=True), 400, "invalid_request"),
+        ("bool as string", dict(good, multiattach="yes"), 400, "invalid_request"),
+        ("bad mode", dict(good, mode="rx"), 400, "invalid_request"),
+        ("bad bus", dict(good, bus="ide"), 400, "invalid_request"),
+        ("bad target dev", dict(good, target_dev="hda"), 400, "invalid_request"),
+        ("virtio dev on scsi", dict(good, target_dev="vdb"), 400, "invalid_request"),
+        ("bad volume id", dict(good, volume_id="a.b"), 400, "invalid_request"),
+        ("unknown field", dict(good, multiatach=True), 400, "invalid_request"),
+        ("unknown domain", dict(good, domain="no-such-domain"), 404, "domain_not_found"),
+    ]
+    before = snapshot(daemon, guest)
+    for name, body, status, code in bad_bodies:
+        with pytest.raises(ApiError) as refused:
+            client.attach(unique("att"), body)
+        assert (refused.value.status, refused.value.code) == (status, code), name
+        assert refused.value.message, name
+
+    for name, payload in [
+        ("not JSON", b"{not json"),
+        ("JSON array", b"[1, 2]"),
+        ("JSON string", b'"x"'),
+        ("not UTF-8", b"\xff\xfe"),
+        ("empty", b""),
+    ]:
+        status, reply = raw(client, "PUT", f"/v1/attachments/{unique('att')}", payload)
+        assert (status, reply["error"]["code"]) == (400, "invalid_request"), name
+
+    huge = b'{"volume_id": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    status, reply = raw(client, "PUT", f"/v1/attachments/{unique('att')}", huge)
+    assert (status, reply["error"]["code"]) == (413, "request_too_large")
+
+    for bad_id in ("a.b", "x" * 65, "a%20b", "%2e%2e"):
+        for call in (
+            lambda i: client.attach(i, good),
+            client.detach,
+            client.get,
+        ):
+            with pytest.raises(ApiError) as refused:
+                call(bad_id)
+            assert refused.value.status == 400, bad_id
+            assert refused.value.code == "invalid_request"
+
+    with pytest.raises(ApiError) as missing:
+        client.detach(unique("never-seen"))
+    assert (missing.value.status, missing.value.code) == (404, "attachment_not_found")
+    with pytest.raises(ApiError) as missing:
+        client.get(unique("never-seen"))
+    assert missing.value.code == "attachment_not_found"
+    with pytest.raises(ApiError) as no_route:
+        client.request("GET", "/v1/nothing")
+    assert (no_route.value.status, no_route.value.code) == (404, "not_found")
+    with pytest.raises(ApiError) as wrong_method:
+        client.request("POST", "/v1/attachments")
+    assert (wrong_method.value.status, wrong_method.value.code) == (405, "method_not_allowed")
+
+    assert snapshot(daemon, guest) == before
+    shm_file.unlink()

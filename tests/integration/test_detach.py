@@ -1,0 +1,148 @@
+"""Detach edge cases on real guests: a guest that never lets go, a disk added by hand."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import libvirt
+import pytest
+
+from hostagent.client import ApiError
+from tests.integration.conftest import DaemonFactory
+from tests.integration.support import Guests, LoopDevices, local_request, unique
+
+
+def test_guest_that_never_releases_gets_504_and_keeps_the_connection(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    # virtio-blk unplug is a PCIe hot-unplug: it needs the guest OS to agree,
+    # and a firmware-only guest never does.
+    daemon = daemon_factory(**{"detach-timeout": "2"})
+    client = daemon.client
+    device = loops.make()
+    stuck, other = guests.make(), guests.make()
+    stuck_id, other_id = unique("att"), unique("att")
+    volume = unique("vol")
+    client.attach(
+        stuck_id, local_request(device, stuck, volume_id=volume, bus="virtio", multiattach=True)
+    )
+    client.attach(other_id, local_request(device, other, volume_id=volume, multiattach=True))
+    client.detach(other_id)
+
+    started = time.monotonic()
+    with pytest.raises(ApiError) as timed_out:
+        client.detach(stuck_id)
+    elapsed = time.monotonic() - started
+    assert (timed_out.value.status, timed_out.value.code) == (504, "detach_timeout")
+    assert 2 <= elapsed < 10
+    assert client.get(stuck_id).state == "detaching"
+    [connection] = client.connections().connections
+    assert connection.state == "connected"
+    assert connection.host_refcount == 1
+    assert stuck.disk(f"ua-{stuck_id}") is not None
+
+    # A second attempt also times out and still keeps everything.
+    with pytest.raises(ApiError):
+        client.detach(stuck_id)
+    assert client.connections().connections[0].attachments == [stuck_id]
+
+    # While it is detaching, a PUT of the same id is a conflict.
+    with pytest.raises(ApiError) as conflict:
+        client.attach(
+            stuck_id,
+            local_request(device, stuck, volume_id=volume, bus="virtio", multiattach=True),
+        )
+    assert conflict.value.code == "attachment_conflict"
+
+    stuck.dom.destroy()
+    result = client.detach(stuck_id)
+    assert result.host_disconnected and result.terminate_connection
+    assert client.connections().connections == []
+
+
+def test_disk_added_by_hand_keeps_the_host_connection(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    daemon = daemon_factory()
+    client = daemon.client
+    device = loops.make()
+    ours, theirs = guests.make(), guests.make()
+    attachment_id = unique("att")
+    client.attach(attachment_id, local_request(device, ours, volume_id="v", multiattach=True))
+    theirs.attach_raw(
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        f"<source dev='{device}'/><target dev='sdz' bus='scsi'/><shareable/>"
+        "<address type='drive' controller='0' bus='0' target='0' unit='9'/></disk>"
+    )
+
+    result = client.detach(attachment_id)
+    assert result.host_refcount == 0
+    assert result.host_disconnected is False
+    assert result.terminate_connection is False
+    [connection] = client.connections().connections
+    assert connection.state == "connected" and connection.host_refcount == 0
+    assert theirs.open_block_devices(), "the hand-added disk still has its device"
+
+    report = client.reconcile()
+    assert [a.action for a in report.actions] == ["kept", "foreign_disk"]
+    assert theirs.name in report.actions[0].detail
+
+    theirs.dom.destroy()
+    report = client.reconcile()
+    assert [a.action for a in report.actions] == ["disconnected"]
+    assert client.connections().connections == []
+
+
+def test_persistent_config_reference_also_keeps_the_connection(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, libvirt_conn: object
+) -> None:
+    """A shut-off persistent guest whose config names the device counts too."""
+    daemon = daemon_factory()
+    client = daemon.client
+    device = loops.make()
+    ours, theirs = guests.make(), guests.make(persistent=True)
+    attachment_id = unique("att")
+    client.attach(attachment_id, local_request(device, ours, volume_id="v"))
+    theirs.dom.destroy()
+    theirs.dom.attachDeviceFlags(
+        f"<disk type='block' device='disk'><source dev='{device}'/>"
+        "<target dev='sdy' bus='scsi'/></disk>",
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+    )
+    result = client.detach(attachment_id)
+    assert (result.host_disconnected, result.terminate_connection) == (False, False)
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_zero(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    daemon = daemon_factory(**{"detach-timeout": "3"})
+    client = daemon.client
+    guest = guests.make()
+    attachment_id = unique("att")
+    client.attach(attachment_id, local_request(loops.make(), guest, volume_id="v", bus="virtio"))
+    outcome: dict[str, object] = {}
+
+    def slow_detach() -> None:
+        try:
+            client.detach(attachment_id)
+        except ApiError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=slow_detach)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while client.get(attachment_id).state != "detaching":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert daemon.process is not None
+    daemon.process.terminate()
+    time.sleep(0.3)
+    with pytest.raises(ApiError) as refused:
+        client.health()
+    assert refused.value.status == 0, "no new connections after SIGTERM"
+    worker.join(30)
+    error = outcome.get("error")
+    assert isinstance(error, ApiError) and error.code == "detach_timeout", outcome
+    assert daemon.process.wait(30) == 0

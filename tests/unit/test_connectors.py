@@ -1,0 +1,82 @@
+"""connectors/: canonical keys and the refusal of anything that is not a /dev block device."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostagent.connectors import CONNECTOR_CLASSES, ConnectorRegistry, InvalidTarget
+from hostagent.connectors.local import LocalConnector
+
+
+@pytest.fixture
+def dev_link() -> Iterator[Path]:
+    """A path under /dev for a symlink the test points somewhere."""
+    link = Path(f"/dev/hatest-unit-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    yield link
+    link.unlink(missing_ok=True)
+
+
+def test_registry_holds_real_classes_and_names_unknown_protocols() -> None:
+    assert {"local": LocalConnector} == CONNECTOR_CLASSES
+    registry = ConnectorRegistry.default()
+    assert isinstance(registry.get("local"), LocalConnector)
+    with pytest.raises(InvalidTarget, match=r"unknown driver_volume_type 'nfs'.*local"):
+        registry.get("nfs")
+
+
+def test_local_key_is_canonical(loop_device: str, dev_link: Path) -> None:
+    connector = LocalConnector()
+    direct = connector.parse_target({"device_path": loop_device})
+    assert direct.connection_key == f"local:{loop_device}"
+    assert direct.properties == {"device_path": loop_device}
+    assert direct.disk_format == "raw"
+
+    dev_link.symlink_to(loop_device)
+    via_link = connector.parse_target({"device_path": str(dev_link)})
+    assert via_link.connection_key == direct.connection_key
+    dotted = connector.parse_target({"device_path": "/dev/../dev/" + loop_device[5:]})
+    assert dotted.connection_key == direct.connection_key
+
+
+@pytest.mark.parametrize(
+    ("device_path", "message"),
+    [
+        ("/etc/passwd", "outside /dev"),
+        ("/dev/../etc/passwd", "outside /dev"),
+        ("dev/loop0", "absolute"),
+        ("", "non-empty"),
+        (None, "non-empty"),
+        (12, "non-empty"),
+        ("/dev/hatest-does-not-exist", "No such file"),
+        ("/dev/null", "not a block device"),
+        ("/dev/loop0\x00x", "absolute"),
+    ],
+)
+def test_local_refuses_anything_but_a_block_device_under_dev(
+    device_path: object, message: str
+) -> None:
+    with pytest.raises(InvalidTarget, match=message):
+        LocalConnector().parse_target({"device_path": device_path})
+
+
+def test_local_refuses_symlink_out_of_dev(dev_link: Path, tmp_path: Path) -> None:
+    target = tmp_path / "disk.img"
+    target.write_bytes(b"\0" * 512)
+    dev_link.symlink_to(target)
+    with pytest.raises(InvalidTarget, match="outside /dev"):
+        LocalConnector().parse_target({"device_path": str(dev_link)})
+
+
+def test_local_connect_and_disconnect_through_os_brick(loop_device: str) -> None:
+    connector = LocalConnector()
+    target = connector.parse_target({"device_path": loop_device, "format": "qcow2"})
+    assert target.disk_format == "qcow2"
+    device = connector.connect(target)
+    assert device.path == loop_device
+    assert device.device_info == {"type": "local", "path": loop_device}
+    connector.disconnect(target, device)

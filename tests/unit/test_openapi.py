@@ -1,0 +1,35 @@
+"""The checked-in OpenAPI document is the one the daemon serves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hostagent.api import ROUTES
+from hostagent.openapi import build_openapi
+
+CHECKED_IN = Path(__file__).parents[2] / "docs" / "openapi.json"
+
+
+def test_checked_in_openapi_is_current() -> None:
+    assert json.loads(CHECKED_IN.read_text()) == build_openapi(), (
+        "docs/openapi.json is stale: python -m hostagent.openapi > docs/openapi.json"
+    )
+
+
+def test_every_api_md_endpoint_is_documented() -> None:
+    paths = build_openapi()["paths"]
+    expected = {
+        ("/v1/attachments/{attachment_id}", "put"),
+        ("/v1/attachments/{attachment_id}", "delete"),
+        ("/v1/attachments/{attachment_id}", "get"),
+        ("/v1/attachments", "get"),
+        ("/v1/connections", "get"),
+        ("/v1/health", "get"),
+        ("/v1/reconcile", "post"),
+    }
+    assert {(path, method) for path, ops in paths.items() for method in ops} == expected
+    assert len(ROUTES) == len(expected)
+    put = paths["/v1/attachments/{attachment_id}"]["put"]
+    assert set(put["responses"]) == {"200", "201", "400", "404", "409", "413", "502", "503"}
+    assert "volume_not_multiattach" in put["responses"]["409"]["description"]
