@@ -158,7 +158,7 @@ def cmd_detach(client: HostagentClient, args: argparse.Namespace) -> int:
 
 
 def cmd_xml(args: argparse.Namespace) -> int:
-    print(
+    sys.stdout.write(
         render_disk_xml(
             _read_json(args.connection_info),
             attachment_id=args.attachment_id,
