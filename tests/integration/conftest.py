@@ -17,6 +17,7 @@ from tests.integration.support import (
     Daemon,
     Guests,
     LoopDevices,
+    ReconnectingConnection,
     remove_stale_guests,
 )
 
@@ -30,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def libvirt_conn() -> Iterator[Any]:
     try:
-        conn = libvirt.open(LIBVIRT_URI)
+        conn = ReconnectingConnection(LIBVIRT_URI)
     except libvirt.libvirtError as exc:
         pytest.fail(
             f"integration tests need a running libvirtd at {LIBVIRT_URI} ({exc}); "

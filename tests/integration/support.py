@@ -31,6 +31,21 @@ LIBVIRT_URI = "qemu:///system"
 GUEST_PREFIX = "hatest-"
 
 
+class ReconnectingConnection:
+    """A libvirt connection for the tests that reopens itself after libvirtd restarts."""
+
+    def __init__(self, uri: str = LIBVIRT_URI) -> None:
+        self.uri = uri
+        self._conn = libvirt.open(uri)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            self._conn.getLibVersion()  # a round trip: isAlive() misses a closed socket
+        except libvirt.libvirtError:
+            self._conn = libvirt.open(self.uri)
+        return getattr(self._conn, name)
+
+
 def run(*args: str) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 

@@ -166,3 +166,10 @@ def test_xml_renders_offline_what_the_daemon_would_attach(
         ),
     )
     assert qcow2.returncode == 2 and "raw" in qcow2.stderr
+
+
+def test_served_openapi_is_the_checked_in_one(daemon: Daemon) -> None:
+    status, served = daemon.client.request("GET", "/v1/openapi.json")
+    assert status == 200
+    checked_in = Path(__file__).parents[2] / "docs" / "openapi.json"
+    assert served == json.loads(checked_in.read_text())
