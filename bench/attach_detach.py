@@ -119,8 +119,9 @@ def wait_until_idle(guests: list[Guest], limit: float = 90.0) -> float:
     return time.monotonic() - started
 
 
-def raw_cycle(guest: Guest, xml: str, alias: str, removals: RemovalEvents) -> tuple[float, float]:
-    dom = guest.dom
+def raw_cycle(
+    guest: Guest, dom: Any, xml: str, alias: str, removals: RemovalEvents
+) -> tuple[float, float]:
     started = time.perf_counter()
     dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     attached = time.perf_counter()
@@ -261,8 +262,10 @@ def main() -> int:
             # Attachment ids are single-use: a fresh one per cycle.
             return hostagent_cycle(daemon, guest, device, f"bench-{next(ids)}")
 
+        handles = {guest.uuid: guest.dom for guest in guests}  # raw keeps its handles
+
         def raw(guest: Guest, i: int) -> tuple[float, float]:
-            return raw_cycle(guest, xml_of[guest.uuid], "ua-raw", removals)
+            return raw_cycle(guest, handles[guest.uuid], xml_of[guest.uuid], "ua-raw", removals)
 
         run_streams(guests[:1], 3, agent)  # warm both paths
         run_streams(guests[:1], 3, raw)

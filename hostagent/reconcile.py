@@ -152,7 +152,8 @@ class Reconciler:
                         detail="no attachments, but used by domain " + ", ".join(names),
                     )
                 ]
-        self.service.disconnect_unused(connection)
+        if not self.service.disconnect_unused(connection):
+            return []  # attached again meanwhile: in use, nothing to do
         return [
             ReconcileAction(
                 action="disconnected",

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from hostagent import connectors
@@ -41,6 +41,7 @@ from hostagent.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
+    ConnectionReleasing,
     ConnectionState,
     Store,
 )
@@ -215,52 +216,62 @@ class AttachmentService:
         assert connection is not None and connection.state is ConnectionState.CONNECTED
         return HostDevice(path=connection.device_path, device_info=connection.device_info or {})
 
+    def _connection_intent(self, target: Target) -> ConnectionRecord:
+        return ConnectionRecord(
+            connection_key=target.connection_key,
+            driver_volume_type=target.driver_volume_type,
+            connection_data=dict(target.properties),
+            disk_format=target.disk_format,
+            state=ConnectionState.CONNECTING,
+            boot_id=self.settings.boot_id,
+            created_at=time.time(),
+        )
+
     def _connect(
         self, record: AttachmentRecord, connector: Connector, target: Target, *, new: bool
     ) -> bool:
         """Record the attach intent and make the host connection if it is not up.
 
+        The common case, a connection already up, takes no connection lock:
+        the intent row alone keeps it from being released (every release
+        re-counts users in the transaction that marks it ``disconnecting``).
         Returns True when this call made the connection.
         """
-        with self.locks.connection(target.connection_key):
+        key = target.connection_key
+        connection: ConnectionRecord | None
+        if new:
+            try:
+                connection = self.store.begin_attach(record, self._connection_intent(target))
+                new = False
+            except ConnectionReleasing:
+                connection = None  # a release is disconnecting it: wait for its lock
+        else:
+            connection = self.store.get_connection(key)
+        if connection is not None and connection.state is ConnectionState.CONNECTED:
+            return False
+        with self.locks.connection(key):
             if new:
-                connection = self.store.begin_attach(
-                    record,
-                    ConnectionRecord(
-                        connection_key=target.connection_key,
-                        driver_volume_type=target.driver_volume_type,
-                        connection_data=dict(target.properties),
-                        disk_format=target.disk_format,
-                        state=ConnectionState.CONNECTING,
-                        boot_id=self.settings.boot_id,
-                        created_at=time.time(),
-                    ),
+                self.store.begin_attach(
+                    record, self._connection_intent(target), while_releasing=True
                 )
-            else:
-                found = self.store.get_connection(target.connection_key)
-                assert found is not None, "an attachment row always has its connection"
-                connection = found
+            connection = self.store.get_connection(key)
+            assert connection is not None, "an attachment row always has its connection"
             if connection.state is ConnectionState.CONNECTED:
                 return False
             if connection.state is not ConnectionState.CONNECTING:
-                self.store.set_connection_state(target.connection_key, ConnectionState.CONNECTING)
-            LOG.info("attachment %s: connecting %s", record.attachment_id, target.connection_key)
+                self.store.set_connection_state(key, ConnectionState.CONNECTING)
+            LOG.info("attachment %s: connecting %s", record.attachment_id, key)
             try:
                 device = connector.connect(target)
             except ConnectorError as exc:
-                LOG.error(
-                    "attachment %s: connect %s failed: %s",
-                    record.attachment_id,
-                    target.connection_key,
-                    exc,
-                )
+                LOG.error("attachment %s: connect %s failed: %s", record.attachment_id, key, exc)
                 self.store.forget_attachment(record.attachment_id)
-                if self.store.refcount(target.connection_key) == 0:
+                if self.store.mark_disconnecting(key):
                     self._best_effort_disconnect(connector, target, None)
-                    self.store.drop_connection(target.connection_key)
-                raise ConnectFailed(f"connecting {target.connection_key} failed: {exc}") from None
+                    self.store.drop_connection(key)
+                raise ConnectFailed(f"connecting {key} failed: {exc}") from None
             self.store.set_connection_state(
-                target.connection_key,
+                key,
                 ConnectionState.CONNECTED,
                 device_path=device.path,
                 device_info=device.device_info,
@@ -361,11 +372,15 @@ class AttachmentService:
             boot_id=self.settings.boot_id,
         )
 
-    def disconnect_unused(self, connection: ConnectionRecord) -> None:
-        """Disconnect and drop a connection no attachment uses. Caller holds the
-        connection lock and has checked that no domain references the device."""
+    def disconnect_unused(self, connection: ConnectionRecord) -> bool:
+        """Disconnect and drop a connection no attachment uses; False if one
+        attached meanwhile. Caller holds the connection lock and has checked
+        that no domain references the device."""
+        if not self.store.mark_disconnecting(connection.connection_key):
+            return False
         self._disconnect(connection)
         self.store.drop_connection(connection.connection_key)
+        return True
 
     # detach
 
@@ -456,36 +471,63 @@ class AttachmentService:
     def release(self, record: AttachmentRecord) -> DetachResult:
         """Drop an attachment whose disk is gone; disconnect if it was the last user.
 
-        Never disconnects while any domain (live or config) references the
-        device. Raises DisconnectFailed (the attachment stays detaching) when
-        os-brick cannot release the connection.
+        While other attachments use the connection this is one transaction
+        and no lock. The last user takes the connection lock, scans every
+        domain (live and config) for the device, and disconnects only if none
+        uses it. Raises DisconnectFailed (the attachment stays detaching)
+        when os-brick cannot release the connection.
         """
         key = record.connection_key
-        with self.locks.connection(key):
-            remaining = self.store.refcount(key) - 1
-            connection = self.store.get_connection(key)
-            assert connection is not None
-            disconnect = remaining == 0 and not self._still_referenced(record, connection)
-            if disconnect:
-                self._disconnect(connection)
-            result = DetachResult(
+
+        def shared(users_left: int) -> dict[str, object]:
+            return DetachResult(
                 attachment_id=record.attachment_id,
                 connection_key=key,
-                host_refcount=remaining,
-                host_disconnected=disconnect,
-                terminate_connection=disconnect,
-            )
-            self.store.finish_detach(record, result.model_dump(), drop_connection=disconnect)
+                host_refcount=users_left,
+                host_disconnected=False,
+                terminate_connection=False,
+            ).model_dump()
+
+        body = self.store.release_if_shared(record, shared)
+        if body is None:
+            with self.locks.connection(key):
+                body = self._release_last(record, shared)
+        result = DetachResult.model_validate(body)
         LOG.info(
             "attachment %s: volume %s detached from %s; %s refcount %d%s",
             record.attachment_id,
             record.volume_id,
             record.domain_name,
             key,
-            remaining,
-            ", host connection released" if disconnect else "",
+            result.host_refcount,
+            ", host connection released" if result.host_disconnected else "",
         )
         return result
+
+    def _release_last(
+        self, record: AttachmentRecord, shared: Callable[[int], dict[str, object]]
+    ) -> Mapping[str, object]:
+        """The caller holds the connection lock and was the last user a moment ago."""
+        key = record.connection_key
+        connection = self.store.get_connection(key)
+        assert connection is not None
+        if self._still_referenced(record, connection) or not self.store.mark_disconnecting(
+            key, excluding=record.attachment_id
+        ):
+            # Kept for a domain that still uses the device, or attached again meanwhile.
+            body = shared(self.store.refcount(key) - 1)
+            self.store.finish_detach(record, body, drop_connection=False)
+            return body
+        self._disconnect(connection)
+        body = DetachResult(
+            attachment_id=record.attachment_id,
+            connection_key=key,
+            host_refcount=0,
+            host_disconnected=True,
+            terminate_connection=True,
+        ).model_dump()
+        self.store.finish_detach(record, body, drop_connection=True)
+        return body
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
         if connection.device_path is None:
@@ -504,10 +546,9 @@ class AttachmentService:
         return bool(references)
 
     def _disconnect(self, connection: ConnectionRecord) -> None:
-        """os-brick disconnect, with the intent (``disconnecting``) recorded first."""
+        """os-brick disconnect; the caller recorded the intent (``mark_disconnecting``)."""
         connector = self.registry.get(connection.driver_volume_type)
         target, device = self._target(connection)
-        self.store.set_connection_state(connection.connection_key, ConnectionState.DISCONNECTING)
         LOG.info("disconnecting %s (no users left)", connection.connection_key)
         try:
             connector.disconnect(target, device)

@@ -82,6 +82,10 @@ class StoreError(RuntimeError):
     """The state file cannot be used (corrupt, newer schema, unreadable)."""
 
 
+class ConnectionReleasing(RuntimeError):
+    """The connection is being disconnected; wait for its lock, then try again."""
+
+
 class AttachmentState(StrEnum):
     ATTACHING = "attaching"
     ATTACHED = "attached"
@@ -306,16 +310,29 @@ class Store:
     # writes
 
     def begin_attach(
-        self, attachment: AttachmentRecord, connection: ConnectionRecord
+        self,
+        attachment: AttachmentRecord,
+        connection: ConnectionRecord,
+        *,
+        while_releasing: bool = False,
     ) -> ConnectionRecord:
         """Record the intent to attach (and to connect, if the connection is new).
 
         Refuses, atomically, everything API.md orders after the id checks:
         a reused id, the volume or device already on this domain, a
         non-multiattach sharing, a target dev our records already hold.
-        Returns the connection row as it now stands.
+        Raises ConnectionReleasing, recording nothing, while the connection is
+        ``disconnecting``, unless ``while_releasing`` (the caller holds the
+        connection lock and will connect it again). Returns the connection
+        row as it now stands.
         """
         with self._tx() as db:
+            state = db.execute(
+                "SELECT state FROM connections WHERE connection_key = ?",
+                (connection.connection_key,),
+            ).fetchone()
+            if state and state[0] == ConnectionState.DISCONNECTING and not while_releasing:
+                raise ConnectionReleasing(connection.connection_key)
             if db.execute(
                 "SELECT 1 FROM tombstones WHERE attachment_id = ?", (attachment.attachment_id,)
             ).fetchone():
@@ -464,6 +481,42 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM attachments WHERE attachment_id = ?", (attachment_id,))
 
+    def release_if_shared(
+        self,
+        attachment: AttachmentRecord,
+        result_for: Callable[[int], Mapping[str, Any]],
+    ) -> Mapping[str, Any] | None:
+        """If other attachments still use the connection, drop this one and write
+        its tombstone (``result_for(users left)``) in one transaction and return
+        that result; if it is the last user, change nothing and return None."""
+        with self._tx() as db:
+            others = db.execute(
+                "SELECT count(*) FROM attachments WHERE connection_key = ? AND attachment_id != ?",
+                (attachment.connection_key, attachment.attachment_id),
+            ).fetchone()[0]
+            if others == 0:
+                return None
+            result = result_for(int(others))
+            self._write_detached(db, attachment, result, drop_connection=False)
+            return result
+
+    def mark_disconnecting(self, connection_key: str, *, excluding: str | None = None) -> bool:
+        """Move the connection to ``disconnecting`` if no attachment (but
+        ``excluding``) uses it; atomic with every attach's intent record."""
+        with self._tx() as db:
+            users = db.execute(
+                "SELECT count(*) FROM attachments WHERE connection_key = ?"
+                " AND attachment_id IS NOT ?",
+                (connection_key, excluding),
+            ).fetchone()[0]
+            if users:
+                return False
+            db.execute(
+                "UPDATE connections SET state = ? WHERE connection_key = ?",
+                (ConnectionState.DISCONNECTING, connection_key),
+            )
+            return True
+
     def finish_detach(
         self,
         attachment: AttachmentRecord,
@@ -473,25 +526,32 @@ class Store:
     ) -> None:
         """Drop the attachment (and its connection if released) and write the tombstone."""
         with self._tx() as db:
+            self._write_detached(db, attachment, result, drop_connection=drop_connection)
+
+    def _write_detached(
+        self,
+        db: sqlite3.Connection,
+        attachment: AttachmentRecord,
+        result: Mapping[str, Any],
+        *,
+        drop_connection: bool,
+    ) -> None:
+        db.execute("DELETE FROM attachments WHERE attachment_id = ?", (attachment.attachment_id,))
+        if drop_connection:
             db.execute(
-                "DELETE FROM attachments WHERE attachment_id = ?", (attachment.attachment_id,)
+                "DELETE FROM connections WHERE connection_key = ?", (attachment.connection_key,)
             )
-            if drop_connection:
-                db.execute(
-                    "DELETE FROM connections WHERE connection_key = ?",
-                    (attachment.connection_key,),
-                )
-            db.execute(
-                "INSERT OR REPLACE INTO tombstones (attachment_id, volume_id, domain_uuid,"
-                " result, detached_at) VALUES (?, ?, ?, ?, ?)",
-                (
-                    attachment.attachment_id,
-                    attachment.volume_id,
-                    attachment.domain_uuid,
-                    json.dumps(dict(result), sort_keys=True),
-                    self._clock(),
-                ),
-            )
+        db.execute(
+            "INSERT OR REPLACE INTO tombstones (attachment_id, volume_id, domain_uuid,"
+            " result, detached_at) VALUES (?, ?, ?, ?, ?)",
+            (
+                attachment.attachment_id,
+                attachment.volume_id,
+                attachment.domain_uuid,
+                json.dumps(dict(result), sort_keys=True),
+                self._clock(),
+            ),
+        )
 
     def drop_connection(self, connection_key: str) -> None:
         """Remove a connection row that no attachment references any more."""

@@ -19,6 +19,7 @@ from hostagent.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
+    ConnectionReleasing,
     ConnectionState,
     Store,
     StoreError,
@@ -195,3 +196,33 @@ def test_corrupt_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="unusable"):
         Store(path)
+
+
+def test_release_if_shared_is_one_transaction_and_only_when_shared(store: Store) -> None:
+    store.begin_attach(attachment("a1"), connection())
+    store.begin_attach(attachment("a2", domain="dom-2"), connection())
+
+    def body(users_left: int) -> dict[str, object]:
+        return {"attachment_id": "a1", "host_refcount": users_left}
+
+    assert store.release_if_shared(attachment("a1"), body) == {
+        "attachment_id": "a1",
+        "host_refcount": 1,
+    }
+    assert store.get_attachment("a1") is None
+    assert store.get_tombstone("a1") is not None
+    assert store.release_if_shared(attachment("a2", domain="dom-2"), body) is None
+    assert store.get_attachment("a2") is not None, "the last user is left to the caller"
+
+
+def test_a_connection_being_released_refuses_new_intents(store: Store) -> None:
+    store.begin_attach(attachment("a1"), connection())
+    assert not store.mark_disconnecting("local:/dev/loop7"), "a1 still uses it"
+    assert store.mark_disconnecting("local:/dev/loop7", excluding="a1")
+    marked = store.get_connection("local:/dev/loop7")
+    assert marked is not None and marked.state is ConnectionState.DISCONNECTING
+    with pytest.raises(ConnectionReleasing):
+        store.begin_attach(attachment("a2", domain="dom-2"), connection())
+    assert store.get_attachment("a2") is None
+    store.begin_attach(attachment("a2", domain="dom-2"), connection(), while_releasing=True)
+    assert store.refcount("local:/dev/loop7") == 2
