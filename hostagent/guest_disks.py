@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from hostagent import failpoints
 from hostagent.connectors import HostDevice, Target
 from hostagent.errors import InvalidRequest, LibvirtError, TargetDevInUse
 from hostagent.guests import DomainInfo, Guests
@@ -133,6 +134,7 @@ class GuestDisks:
                 disk_xml = self._place(record, request, target, device, view)
                 record = replace(record, disk_xml=disk_xml)
             self.guests.attach_device(domain.uuid, disk_xml, live=need_live, config=need_config)
+            failpoints.hit("attach.after_libvirt")
             return self.store.get_attachment(record.attachment_id) or record
 
     def _place(
@@ -179,6 +181,7 @@ class GuestDisks:
         self.store.set_attachment_placement(
             record.attachment_id, target_dev=target_dev, disk_xml=disk_xml
         )
+        failpoints.hit("attach.after_placement")
         return disk_xml
 
     def _ensure_virtio_scsi(self, view: _DomainView) -> int:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from hostagent import connectors
+from hostagent import connectors, failpoints
 from hostagent.connectors import Connector, ConnectorError, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentConflict,
@@ -242,6 +242,7 @@ class AttachmentService:
         if new:
             try:
                 connection = self.store.begin_attach(record, self._connection_intent(target))
+                failpoints.hit("attach.after_intent")
                 new = False
             except ConnectionReleasing:
                 connection = None  # a release is disconnecting it: wait for its lock
@@ -254,6 +255,7 @@ class AttachmentService:
                 self.store.begin_attach(
                     record, self._connection_intent(target), while_releasing=True
                 )
+                failpoints.hit("attach.after_intent")
             connection = self.store.get_connection(key)
             assert connection is not None, "an attachment row always has its connection"
             if connection.state is ConnectionState.CONNECTED:
@@ -270,6 +272,7 @@ class AttachmentService:
                     self._best_effort_disconnect(connector, target, None)
                     self.store.drop_connection(key)
                 raise ConnectFailed(f"connecting {key} failed: {exc}") from None
+            failpoints.hit("attach.after_connect")
             self.store.set_connection_state(
                 key,
                 ConnectionState.CONNECTED,
@@ -394,6 +397,7 @@ class AttachmentService:
                 return DetachResult.model_validate(tombstone.result)
             if record.state is not AttachmentState.DETACHING:
                 self.store.set_attachment_state(attachment_id, AttachmentState.DETACHING)
+                failpoints.hit("detach.after_intent")
             LOG.info(
                 "attachment %s: detaching volume %s from %s",
                 attachment_id,
@@ -401,6 +405,7 @@ class AttachmentService:
                 record.domain_name,
             )
             self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+            failpoints.hit("detach.after_removal")
             return self.release(record)
 
     def _disk_presence(self, record: AttachmentRecord) -> tuple[bool, bool] | None:
@@ -440,6 +445,7 @@ class AttachmentService:
                         self.guests.detach_alias(
                             record.domain_uuid, record.alias, live=live, config=config
                         )
+                    failpoints.hit("detach.after_request")
                 except DomainNotFound:
                     return
                 except LibvirtError as exc:
@@ -518,7 +524,9 @@ class AttachmentService:
             body = shared(self.store.refcount(key) - 1)
             self.store.finish_detach(record, body, drop_connection=False)
             return body
+        failpoints.hit("detach.after_mark_disconnecting")
         self._disconnect(connection)
+        failpoints.hit("detach.after_disconnect")
         body = DetachResult(
             attachment_id=record.attachment_id,
             connection_key=key,

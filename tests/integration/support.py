@@ -206,6 +206,7 @@ class Daemon:
     socket_path: Path
     log_path: Path
     options: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -225,7 +226,9 @@ class Daemon:
         for key, value in self.options.items():
             args += [f"--{key}", value]
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -257,6 +260,13 @@ class Daemon:
         self.process = None
         return code
 
+    def wait_killed(self, timeout: float = 30.0) -> int:
+        """Wait for a process that is expected to die (a failpoint); returns its status."""
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
@@ -279,3 +289,51 @@ def local_request(
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def assert_consistent(client: HostagentClient, guests: list[Guest]) -> None:
+    """The store (through the API), every guest's XML and the connections agree.
+
+    - no attachment is left half-made; a detaching one still has its disk;
+    - every attached record's disk is in its guest (live if running, config
+      if persistent), and no guest holds a ``ua-`` disk nobody recorded;
+    - every connection is up, has users, and counts exactly its attachments;
+    - every device a guest's ``ua-`` disk uses has its connection.
+    """
+    attachments = {a.attachment_id: a for a in client.list()}
+    connections = {c.connection_key: c for c in client.connections().connections}
+    recorded_aliases = {(a.domain_uuid, f"ua-{a.attachment_id}") for a in attachments.values()}
+    for guest in guests:
+        try:
+            active = bool(guest.dom.isActive())
+        except libvirt.libvirtError:
+            continue  # gone
+        views = ([guest.disks()] if active else []) + (
+            [guest.disks(inactive=True)] if guest.persistent else []
+        )
+        for disks in views:
+            for disk in disks:
+                alias = disk.find("./alias")
+                name = alias.get("name", "") if alias is not None else ""
+                if not name.startswith("ua-"):
+                    continue
+                assert (guest.uuid, name) in recorded_aliases, f"{guest.name} holds {name}"
+                source = disk.find("./source")
+                device = source.get("dev") if source is not None else None
+                assert f"local:{device}" in connections, f"{device} of {name} was disconnected"
+    for attachment in attachments.values():
+        assert attachment.state in ("attached", "detaching"), attachment
+        guest = next((g for g in guests if g.uuid == attachment.domain_uuid), None)
+        if guest is None:
+            continue
+        alias = f"ua-{attachment.attachment_id}"
+        present = guest.disk(alias) is not None or (
+            guest.persistent and guest.disk(alias, inactive=True) is not None
+        )
+        if attachment.state == "attached":
+            assert present, f"{alias} recorded attached but not on {guest.name}"
+    for key, connection in connections.items():
+        users = [a for a in attachments.values() if a.connection_key == key]
+        assert users, f"connection {key} has no users"
+        assert connection.state == "connected", connection
+        assert connection.host_refcount == len(users)

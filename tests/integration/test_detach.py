@@ -9,7 +9,7 @@ import libvirt
 import pytest
 
 from hostagent.client import ApiError
-from tests.integration.conftest import DaemonFactory
+from tests.conftest import DaemonFactory
 from tests.integration.support import Guests, LoopDevices, local_request, unique
 
 

@@ -1,4 +1,7 @@
-"""Fixtures on real parts: the host's libvirtd, KVM guests, loop devices, hostagentd."""
+"""Fixtures on real parts: the host's libvirtd, KVM guests, loop devices, hostagentd.
+
+Used by tests/integration and tests/faults; unit tests need none of them.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from tests.integration.support import (
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/integration/" in str(item.fspath):
+        if "tests/integration/" in str(item.fspath) or "tests/faults/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
 
 
@@ -74,13 +77,14 @@ def daemon_factory(short_dir: Path) -> Iterator[DaemonFactory]:
     started: list[Daemon] = []
     counter = itertools.count()
 
-    def start(**options: str) -> Daemon:
+    def start(_env: dict[str, str] | None = None, **options: str) -> Daemon:
         n = next(counter)
         daemon = Daemon(
             state_dir=short_dir / f"state{n}",
             socket_path=short_dir / f"d{n}.sock",
             log_path=short_dir / f"daemon{n}.log",
             options={"detach-timeout": "5", "detach-retry-interval": "1", **options},
+            env=dict(_env or {}),
         )
         daemon.start()
         started.append(daemon)
