@@ -45,6 +45,13 @@ DEFAULT_OPTS = [
         help="Seconds a finished detach is remembered (replayed DELETE, refused id reuse).",
     ),
     cfg.IntOpt(
+        "libvirt-connections",
+        default=4,
+        min=1,
+        help="libvirt connections the daemon opens; each carries at most 4 calls at once "
+        "(libvirtd serves 5 per client by default).",
+    ),
+    cfg.IntOpt(
         "api-workers",
         default=64,
         min=2,
@@ -58,11 +65,21 @@ DEFAULT_OPTS = [
     cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
 ]
 
+CLI_ONLY_OPTS = [
+    cfg.BoolOpt(
+        "rebuild-state",
+        default=False,
+        help="Record every ua- disk found in libvirt that the state lacks, then exit. "
+        "For a lost state file; run it with the service stopped.",
+    ),
+]
+
 
 def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
     """Parse ``argv`` and the config files into a fresh ConfigOpts."""
     conf = cfg.ConfigOpts()
     conf.register_cli_opts(DEFAULT_OPTS)
+    conf.register_cli_opts(CLI_ONLY_OPTS)
     conf(list(argv), project="hostagent", prog="hostagentd", version=__version__)
     return conf
 

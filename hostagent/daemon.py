@@ -25,7 +25,8 @@ from hostagent.errors import HostagentError
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
 from hostagent.openapi import build_openapi
-from hostagent.reconcile import Reconciler
+from hostagent.rebuild import rebuild_state, unrecorded_disks
+from hostagent.reconcile import Reconciler, VanishedDomains
 from hostagent.service import AttachmentService, ServiceSettings
 from hostagent.store import Store, StoreError
 from hostagent.systemd import notify
@@ -94,6 +95,36 @@ class PeriodicReconcile:
                 run_reconcile(self._reconciler, "periodic")
 
 
+def rebuild(service: AttachmentService) -> int:
+    """``--rebuild-state``: record the ua- disks libvirt holds, print what was done."""
+    service.guests.start()
+    try:
+        if not service.guests.connected:
+            LOG.error("cannot rebuild state: libvirt %s is unreachable", service.guests.uri)
+            return 1
+        for line in rebuild_state(service):
+            print(line)
+            LOG.info("rebuild-state: %s", line)
+    finally:
+        service.guests.stop()
+        service.store.close()
+    return 0
+
+
+def warn_about_unrecorded_disks(service: AttachmentService) -> None:
+    """A first start is normal, unless guests already hold disks this agent made."""
+    found = unrecorded_disks(service)
+    if found:
+        LOG.error(
+            "there was no state file at %s, but guests hold %d disks made by hostagent (%s). "
+            "They are not recorded, so this agent will not detach or disconnect them. If "
+            "the state was lost: stop hostagentd and run 'hostagentd --rebuild-state'.",
+            service.store.path,
+            len(found),
+            ", ".join(f"{f.disk.alias} on {f.domain.name}" for f in found[:10]),
+        )
+
+
 def run_reconcile(reconciler: Reconciler, why: str) -> None:
     try:
         report = reconciler.run()
@@ -150,8 +181,9 @@ def run(conf: cfg.ConfigOpts) -> int:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     prepare_os_brick()
     with state_dir_guard(state_dir):
+        state_is_new = not (state_dir / STATE_FILE).exists()
         store = Store(state_dir / STATE_FILE)
-        guests = Guests(conf.libvirt_uri)
+        guests = Guests(conf.libvirt_uri, connections=conf.libvirt_connections)
         service = AttachmentService(
             store=store,
             guests=guests,
@@ -163,15 +195,22 @@ def run(conf: cfg.ConfigOpts) -> int:
                 boot_id=read_boot_id(conf.boot_id_path),
             ),
         )
+        if conf.rebuild_state:
+            return rebuild(service)
         reconciler = Reconciler(service, tombstone_ttl=conf.tombstone_ttl)
+        vanished = VanishedDomains(reconciler)
+        guests.on_lifecycle(vanished.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
         guests.start()  # connects (and reconciles) now if libvirtd answers
+        if state_is_new and guests.connected:
+            warn_about_unrecorded_disks(service)
         executor = ThreadPoolExecutor(conf.api_workers, thread_name_prefix="api")
         periodic = PeriodicReconcile(reconciler, guests, conf.reconcile_interval)
         app = make_app(ApiHandlers(service, reconciler, executor, build_openapi()))
         socket_path = Path(conf.socket_path).absolute()
         sock = bind_unix_socket(socket_path)
         periodic.start()
+        vanished.start()
         try:
             asyncio.run(serve(app, sock, shutdown_timeout=conf.detach_timeout + 30))
         finally:
@@ -180,6 +219,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             signal.signal(signal.SIGTERM, _already_stopping)
             signal.signal(signal.SIGINT, _already_stopping)
             periodic.stop()
+            vanished.stop()
             executor.shutdown(wait=True)
             guests.stop()
             store.close()

@@ -5,7 +5,6 @@ exists, and hand the disk to libvirt for the live domain and its config."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from hostagent import failpoints
 from hostagent.connectors import HostDevice, Target
@@ -28,6 +27,8 @@ from hostagent.store import AttachmentRecord, Store
 LOG = logging.getLogger(__name__)
 
 VIRTIO_SCSI = "virtio-scsi"
+_PLACEMENT_ATTEMPTS = 16
+_HIDDEN_DEVICE_MARKERS = ("lun already used", "Duplicate nodes with node-name")
 
 
 def validate_disk_rules(request: AttachRequest, target: Target) -> None:
@@ -129,22 +130,83 @@ class GuestDisks:
             if not (need_live or need_config):
                 return record
             if record.disk_xml is not None and (in_live or in_config):
-                disk_xml = record.disk_xml  # finish a half-done attach with the same disk
+                # finish a half-done attach with the same disk
+                self.guests.attach_device(
+                    domain.uuid, record.disk_xml, live=need_live, config=need_config
+                )
             else:
-                disk_xml = self._place(record, request, target, device, view)
-                record = replace(record, disk_xml=disk_xml)
-            self.guests.attach_device(domain.uuid, disk_xml, live=need_live, config=need_config)
+                self._place_and_attach(
+                    record=record,
+                    request=request,
+                    target=target,
+                    device=device,
+                    view=view,
+                    live=need_live,
+                    config=need_config,
+                )
             failpoints.hit("attach.after_libvirt")
             return self.store.get_attachment(record.attachment_id) or record
 
-    def _place(
+    def _place_and_attach(
         self,
+        *,
         record: AttachmentRecord,
         request: AttachRequest,
         target: Target,
         device: HostDevice,
         view: _DomainView,
-    ) -> str:
+        live: bool,
+        config: bool,
+    ) -> None:
+        """Attach at the first free place; step past places QEMU holds unknown to libvirt.
+
+        A libvirtd killed in the middle of a hot-plug can leave a disk in QEMU
+        that the restarted libvirtd does not show: QEMU then refuses its unit
+        ("lun already used") or libvirt reuses a node name ("Duplicate nodes").
+        Both are retried a bounded number of times on the next unit.
+        """
+        skipped: set[DriveAddress] = set()
+        for _ in range(_PLACEMENT_ATTEMPTS):
+            disk_xml, address = self._place(
+                record=record,
+                request=request,
+                target=target,
+                device=device,
+                view=view,
+                skipped=skipped,
+            )
+            try:
+                self.guests.attach_device(view.domain.uuid, disk_xml, live=live, config=config)
+                return
+            except LibvirtError as exc:
+                if not any(marker in exc.message for marker in _HIDDEN_DEVICE_MARKERS):
+                    raise
+                LOG.warning(
+                    "attachment %s: %s refused %s (%s); QEMU holds a device libvirt does not "
+                    "show, left by an interrupted hot-plug; trying the next unit",
+                    record.attachment_id,
+                    view.domain.name,
+                    address,
+                    exc.message,
+                )
+                if address is not None:
+                    skipped.add(address)
+        raise LibvirtError(
+            f"{view.domain.name}: QEMU kept refusing the disk after {_PLACEMENT_ATTEMPTS} "
+            "places (devices left in QEMU by an interrupted hot-plug?); restarting the "
+            "guest clears them"
+        )
+
+    def _place(
+        self,
+        *,
+        record: AttachmentRecord,
+        request: AttachRequest,
+        target: Target,
+        device: HostDevice,
+        view: _DomainView,
+        skipped: set[DriveAddress],
+    ) -> tuple[str, DriveAddress | None]:
         used_devs = view.target_devs() | {
             a.target_dev
             for a in self.store.list_attachments(domain_uuid=record.domain_uuid)
@@ -161,7 +223,9 @@ class GuestDisks:
         address = None
         if request.bus == "scsi":
             controller = self._ensure_virtio_scsi(view)
-            address = first_free_drive_address(controller, view.drive_addresses(controller))
+            address = first_free_drive_address(
+                controller, view.drive_addresses(controller) | skipped
+            )
         if device.path is None:
             raise InvalidRequest(f"{target.driver_volume_type} gave no host block device")
         disk = build_disk(
@@ -182,7 +246,7 @@ class GuestDisks:
             record.attachment_id, target_dev=target_dev, disk_xml=disk_xml
         )
         failpoints.hit("attach.after_placement")
-        return disk_xml
+        return disk_xml, address
 
     def _ensure_virtio_scsi(self, view: _DomainView) -> int:
         """Index of a virtio-scsi controller in both live and config, hot-adding one if needed."""

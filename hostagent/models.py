@@ -95,6 +95,7 @@ class Connection(BaseModel):
     host_refcount: int
     attachments: list[str]
     connected_at: str | None = Field(description="ISO 8601 UTC time of the connect")
+    boot_id: str = Field(description="host boot id when the connection was made")
 
 
 class ConnectionList(BaseModel):

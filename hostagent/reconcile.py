@@ -10,6 +10,8 @@ our devices without a record of ours (their devices stay connected).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -38,8 +40,12 @@ class Reconciler:
 
     def run(self) -> ReconcileReport:
         actions: list[ReconcileAction] = []
+        boot_id = self.service.settings.boot_id
+        for connection in self.service.store.list_connections():
+            if boot_id and connection.boot_id and connection.boot_id != boot_id:
+                actions += self._after_reboot(connection)
         for record in self.service.store.list_attachments():
-            actions += self._attachment(record.attachment_id)
+            actions += self.attachment(record.attachment_id)
         for connection in self.service.store.list_connections():
             actions += self._connection(connection.connection_key)
         actions += self._foreign_disks()
@@ -58,7 +64,8 @@ class Reconciler:
             LOG.debug("reconcile: records, domains and devices agree")
         return ReconcileReport(actions=actions)
 
-    def _attachment(self, attachment_id: str) -> list[ReconcileAction]:
+    def attachment(self, attachment_id: str) -> list[ReconcileAction]:
+        """Finish, roll back or release one attachment against its domain now."""
         service = self.service
         with service.locks.attachment(attachment_id):
             record = service.store.get_attachment(attachment_id)
@@ -113,6 +120,56 @@ class Reconciler:
             except HostagentError as exc:
                 return [_act("failed", record, exc.message)]
         return []
+
+    def _after_reboot(self, connection: ConnectionRecord) -> list[ReconcileAction]:
+        """A connection made in an earlier boot is gone with it. Connect it again
+        for every guest that can still start with the disk (a persistent domain
+        whose config holds it, or a domain already running with it); release
+        every other attachment."""
+        service = self.service
+        key = connection.connection_key
+        actions = []
+        for record in service.store.list_attachments(connection_key=key):
+            with service.locks.attachment(record.attachment_id):
+                current = service.store.get_attachment(record.attachment_id)
+                if current is None:
+                    continue
+                domain = service.guests.find(current.domain_uuid)
+                if domain is not None and any(service.disk_presence(current, domain)):
+                    continue
+                result = service.release_after_reboot(current)
+                actions.append(
+                    _act(
+                        "released_after_reboot",
+                        current,
+                        f"domain {current.domain_name} is gone or no longer holds the disk; "
+                        f"terminate_connection={str(result.terminate_connection).lower()}",
+                    )
+                )
+        with service.locks.connection(key):
+            current_connection = service.store.get_connection(key)
+            if current_connection is None or service.store.refcount(key) == 0:
+                return actions
+            try:
+                service.reconnect(current_connection)
+            except HostagentError as exc:
+                return [
+                    *actions,
+                    ReconcileAction(
+                        action="failed",
+                        subject=key,
+                        detail=f"reconnect after reboot: {exc.message}",
+                    ),
+                ]
+        actions.append(
+            ReconcileAction(
+                action="reconnected_after_reboot",
+                subject=key,
+                detail=f"connected again for {service.store.refcount(key)} attachments whose "
+                "guests still hold the disk",
+            )
+        )
+        return actions
 
     def _connection(self, connection_key: str) -> list[ReconcileAction]:
         service = self.service
@@ -189,3 +246,61 @@ class Reconciler:
 
 def _act(action: str, record: AttachmentRecord, detail: str) -> ReconcileAction:
     return ReconcileAction(action=action, subject=record.attachment_id, detail=detail)
+
+
+class VanishedDomains:
+    """Releases the attachments of a domain as soon as libvirt reports it gone.
+
+    Fed by lifecycle events (a transient domain destroyed, a persistent one
+    undefined); works on its own thread, never on libvirt's event loop. The
+    periodic reconcile is the safety net for events missed while libvirtd
+    was unreachable.
+    """
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self._reconciler = reconciler
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="vanished-domains", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def notify(self, domain_uuid: str, event: int, detail: int) -> None:
+        self._queue.put(domain_uuid)
+
+    def _loop(self) -> None:
+        while (domain_uuid := self._queue.get()) is not None:
+            try:
+                self.release_if_gone(domain_uuid)
+            except HostagentError as exc:
+                LOG.warning(
+                    "domain %s: release after it vanished failed: %s; the periodic "
+                    "reconcile will retry",
+                    domain_uuid,
+                    exc.message,
+                )
+            except Exception:
+                LOG.exception("domain %s: release after it vanished failed", domain_uuid)
+
+    def release_if_gone(self, domain_uuid: str) -> list[ReconcileAction]:
+        service = self._reconciler.service
+        records = service.store.list_attachments(domain_uuid=domain_uuid)
+        if not records or service.guests.find(domain_uuid) is not None:
+            return []  # nothing of ours, or a persistent domain that only stopped
+        actions = []
+        for record in records:
+            actions += self._reconciler.attachment(record.attachment_id)
+        for action in actions:
+            LOG.info(
+                "domain %s gone: %s %s: %s",
+                domain_uuid,
+                action.action,
+                action.subject,
+                action.detail,
+            )
+        return actions

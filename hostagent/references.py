@@ -1,9 +1,11 @@
-"""Which libvirt domains still use a host device, whatever our records say.
+"""Who still uses a host device, whatever our records say.
 
 This is the check behind the rule no input can break: before a disconnect,
 every domain's live XML and persistent config is read, and any disk whose
 source is the device (same path after symlinks, or the same device number)
-keeps the host connection.
+keeps the host connection. Then the host's processes are asked too: a QEMU
+that holds the device open without libvirt knowing (libvirtd killed in the
+middle of a hot-plug leaves such a disk behind) keeps it just the same.
 """
 
 from __future__ import annotations
@@ -120,3 +122,44 @@ def references_in(disks: list[DomainDisk], device_path: str) -> list[DeviceRefer
 def find_device_references(guests: Guests, device_path: str) -> list[DeviceReference]:
     """Every disk, in any domain's live XML or persistent config, on ``device_path``."""
     return references_in(scan_domain_disks(guests), device_path)
+
+
+@dataclass(frozen=True)
+class OpenHandle:
+    """A process that has the device open."""
+
+    pid: int
+    command: str
+
+
+def processes_holding(device_path: str, proc: str = "/proc") -> list[OpenHandle]:
+    """Every process with an open file descriptor on the block device."""
+    rdev = _device_number(device_path)
+    if rdev is None:
+        return []
+    holders = []
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fds = os.scandir(f"{entry.path}/fd")
+        except OSError:  # exited, or not ours to look at
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    st = os.stat(fd.path)
+                except OSError:
+                    continue
+                if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                    holders.append(OpenHandle(int(entry.name), _command(entry.path)))
+                    break
+    return holders
+
+
+def _command(proc_dir: str) -> str:
+    try:
+        with open(f"{proc_dir}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"

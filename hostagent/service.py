@@ -36,7 +36,7 @@ from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
 from hostagent.locks import HostLocks
 from hostagent.models import Attachment, AttachRequest, DetachResult
-from hostagent.references import find_device_references
+from hostagent.references import find_device_references, processes_holding
 from hostagent.store import (
     AttachmentRecord,
     AttachmentState,
@@ -297,13 +297,16 @@ class AttachmentService:
         try:
             self._remove_from_domain(record, timeout=self.settings.detach_timeout)
         except HostagentError as exc:
+            # Unknown whether the disk is on the guest: the record stays
+            # ``attaching``, so the connection stays, the caller's retry resumes
+            # the attach, and reconcile finishes it (disk there) or rolls it
+            # back (disk absent, no tombstone: the id may be used again).
             LOG.error(
-                "attachment %s: rollback could not remove the disk (%s); keeping it as "
-                "detaching so the connection stays and a DELETE or reconcile finishes it",
+                "attachment %s: rollback could not check or remove the disk (%s); it "
+                "stays attaching for a retry or reconcile to settle",
                 record.attachment_id,
                 exc.message,
             )
-            self.store.set_attachment_state(record.attachment_id, AttachmentState.DETACHING)
             return
         self._forget(record, may_disconnect=made)
 
@@ -374,6 +377,37 @@ class AttachmentService:
             device_info=device.device_info,
             boot_id=self.settings.boot_id,
         )
+
+    def release_after_reboot(self, record: AttachmentRecord) -> DetachResult:
+        """Drop an attachment whose host connection the reboot already took down.
+
+        No os-brick disconnect: there is nothing left to undo. The last user of
+        the connection reports the release (``terminate_connection``), as a
+        detach would have.
+        """
+        key = record.connection_key
+
+        def shared(users_left: int) -> dict[str, object]:
+            return DetachResult(
+                attachment_id=record.attachment_id,
+                connection_key=key,
+                host_refcount=users_left,
+                host_disconnected=False,
+                terminate_connection=False,
+            ).model_dump()
+
+        body = self.store.release_if_shared(record, shared)
+        if body is None:
+            with self.locks.connection(key):
+                body = DetachResult(
+                    attachment_id=record.attachment_id,
+                    connection_key=key,
+                    host_refcount=0,
+                    host_disconnected=True,
+                    terminate_connection=True,
+                ).model_dump()
+                self.store.finish_detach(record, body, drop_connection=True)
+        return DetachResult.model_validate(body)
 
     def disconnect_unused(self, connection: ConnectionRecord) -> bool:
         """Disconnect and drop a connection no attachment uses; False if one
@@ -538,6 +572,7 @@ class AttachmentService:
         return body
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
+        """Whether any domain (live or config) or any process still uses the device."""
         if connection.device_path is None:
             return False
         references = find_device_references(self.guests, connection.device_path)
@@ -551,7 +586,19 @@ class AttachmentService:
                 ref.where,
                 ref.alias or ref.target_dev,
             )
-        return bool(references)
+        if references:
+            return True
+        holders = processes_holding(connection.device_path)
+        for holder in holders:
+            LOG.warning(
+                "attachment %s: %s is still open in process %d (%s) though no domain "
+                "names it; keeping the host connection",
+                record.attachment_id,
+                connection.device_path,
+                holder.pid,
+                holder.command,
+            )
+        return bool(holders)
 
     def _disconnect(self, connection: ConnectionRecord) -> None:
         """os-brick disconnect; the caller recorded the intent (``mark_disconnecting``)."""

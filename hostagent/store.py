@@ -476,6 +476,41 @@ class Store:
                 (state, self._clock(), attachment_id),
             )
 
+    def adopt(self, attachment: AttachmentRecord, connection: ConnectionRecord) -> bool:
+        """Record an attachment found in libvirt (``--rebuild-state``) as it is,
+        with its connection up; False if its id is already known."""
+        with self._tx() as db:
+            known = db.execute(
+                "SELECT 1 FROM attachments WHERE attachment_id = ? UNION ALL"
+                " SELECT 1 FROM tombstones WHERE attachment_id = ?",
+                (attachment.attachment_id, attachment.attachment_id),
+            ).fetchone()
+            if known:
+                return False
+            db.execute(
+                "INSERT OR IGNORE INTO connections (connection_key, driver_volume_type,"
+                " connection_data, disk_format, device_path, device_info, state, boot_id,"
+                " created_at, connected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    connection.connection_key,
+                    connection.driver_volume_type,
+                    json.dumps(dict(connection.connection_data), sort_keys=True),
+                    connection.disk_format,
+                    connection.device_path,
+                    json.dumps(dict(connection.device_info or {}), sort_keys=True),
+                    connection.state,
+                    connection.boot_id,
+                    connection.created_at,
+                    connection.connected_at,
+                ),
+            )
+            self._insert_attachment(db, attachment)
+            db.execute(
+                "UPDATE attachments SET state = ? WHERE attachment_id = ?",
+                (attachment.state, attachment.attachment_id),
+            )
+            return True
+
     def forget_attachment(self, attachment_id: str) -> None:
         """Drop a rolled-back attach: no tombstone, its id may be used again."""
         with self._tx() as db:

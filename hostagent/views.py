@@ -30,6 +30,7 @@ def connection_list(store: Store) -> ConnectionList:
                 host_refcount=len(users),
                 attachments=users,
                 connected_at=iso_utc(record.connected_at),
+                boot_id=record.boot_id,
             )
         )
     return ConnectionList(connections=connections)

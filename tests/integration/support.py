@@ -56,6 +56,7 @@ class LoopDevices:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.devices: list[str] = []
+        self.backing: dict[str, Path] = {}
         self._count = itertools.count()
 
     def make(self, size_mb: int = 16) -> str:
@@ -64,7 +65,14 @@ class LoopDevices:
             f.truncate(size_mb * 1024 * 1024)
         device = run("losetup", "--find", "--show", str(backing))
         self.devices.append(device)
+        self.backing[device] = backing
         return device
+
+    def recreate(self, device: str) -> None:
+        """Detach ``device`` and attach the same file at the same number: what a
+        reboot followed by the storage coming back looks like for a loop device."""
+        run("losetup", "-d", device)
+        run("losetup", device, str(self.backing[device]))
 
     def cleanup(self) -> None:
         for device in self.devices:
@@ -209,22 +217,27 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "hostagent.daemon",
-            "--config-file",
-            "/dev/null",
-            "--state-dir",
-            str(self.state_dir),
-            "--socket-path",
-            str(self.socket_path),
-            "--libvirt-uri",
-            LIBVIRT_URI,
-        ]
+    def _args(self) -> list[str]:
+        args = [sys.executable, "-m", "hostagent.daemon", "--config-file", "/dev/null"]
+        args += ["--state-dir", str(self.state_dir), "--socket-path", str(self.socket_path)]
+        args += ["--libvirt-uri", LIBVIRT_URI]
         for key, value in self.options.items():
             args += [f"--{key}", value]
+        return args
+
+    def run_once(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        """Run hostagentd for a one-shot command (e.g. --rebuild-state)."""
+        return subprocess.run(
+            [*self._args(), *extra],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+            env={**os.environ, **self.env},
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = self._args()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
@@ -232,7 +245,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"hostagentd exited {self.process.returncode}:\n{self.log()}")
+                code, self.process = self.process.returncode, None
+                raise RuntimeError(f"hostagentd exited {code}:\n{self.log()}")
             with contextlib.suppress(ApiError):
                 self.client.health()
                 return

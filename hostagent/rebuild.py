@@ -1,0 +1,123 @@
+"""Recreate lost state from libvirt: every ``ua-`` disk in a domain is ours.
+
+``hostagentd --rebuild-state`` runs this when the state file was lost. A
+block disk gives back everything a record needs (the device, the guest, the
+serial as volume id, shareable, read-only, bus, target dev); its connection
+is recorded as ``local`` on the device, so the agent keeps it and never runs
+a protocol logout it cannot know. A network disk (rbd) does not carry the
+connection info os-brick needs, so it is reported and left alone: the agent
+neither records nor disconnects it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from hostagent.guests import DomainInfo
+from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
+from hostagent.service import AttachmentService
+from hostagent.store import AttachmentRecord, AttachmentState, ConnectionRecord, ConnectionState
+
+ALIAS_PREFIX = "ua-"
+REBUILT_HASH = "rebuilt-from-libvirt"
+
+
+@dataclass(frozen=True)
+class FoundDisk:
+    """A ``ua-`` disk of a domain, preferring its persistent definition."""
+
+    domain: DomainInfo
+    disk: DiskSpec
+
+    @property
+    def attachment_id(self) -> str:
+        assert self.disk.alias is not None
+        return self.disk.alias[len(ALIAS_PREFIX) :]
+
+
+def agent_disks(service: AttachmentService) -> list[FoundDisk]:
+    """Every disk with a ``ua-`` alias in any domain (config first, then live)."""
+    found: dict[tuple[str, str], FoundDisk] = {}
+    for domain in service.guests.list_domains():
+        views = []
+        if domain.persistent:
+            views.append(service.guests.domain_xml(domain.uuid, inactive=True))
+        if domain.active:
+            views.append(service.guests.domain_xml(domain.uuid))
+        for xml in views:
+            for disk in parse_domain(xml).disks:
+                if disk.alias and disk.alias.startswith(ALIAS_PREFIX):
+                    found.setdefault((domain.uuid, disk.alias), FoundDisk(domain, disk))
+    return list(found.values())
+
+
+def unrecorded_disks(service: AttachmentService) -> list[FoundDisk]:
+    """``ua-`` disks with no attachment record."""
+    return [
+        f for f in agent_disks(service) if service.store.get_attachment(f.attachment_id) is None
+    ]
+
+
+def _records(
+    service: AttachmentService, found: FoundDisk
+) -> tuple[AttachmentRecord, ConnectionRecord]:
+    disk = found.disk
+    assert disk.source_dev is not None
+    device = os.path.realpath(disk.source_dev)
+    now = time.time()
+    key = f"local:{device}"
+    connection = ConnectionRecord(
+        connection_key=key,
+        driver_volume_type="local",
+        connection_data={"device_path": device},
+        disk_format=disk.driver_type or "raw",
+        state=ConnectionState.CONNECTED,
+        boot_id=service.settings.boot_id,
+        created_at=now,
+        device_path=device,
+        device_info={"type": "local", "path": device},
+        connected_at=now,
+    )
+    attachment = AttachmentRecord(
+        attachment_id=found.attachment_id,
+        volume_id=disk.serial or found.attachment_id,
+        domain_uuid=found.domain.uuid,
+        domain_name=found.domain.name,
+        connection_key=key,
+        state=AttachmentState.ATTACHED,
+        multiattach=disk.shareable,
+        mode="ro" if disk.readonly else "rw",
+        bus=disk.target_bus or "scsi",
+        serial=disk.serial or found.attachment_id,
+        alias=disk.alias or "",
+        request_hash=REBUILT_HASH,
+        created_at=now,
+        updated_at=now,
+        target_dev=disk.target_dev,
+        disk_xml=disk.to_xml(),
+    )
+    return attachment, connection
+
+
+def rebuild_state(service: AttachmentService) -> list[str]:
+    """Record every unrecorded ``ua-`` block disk; returns one line per disk."""
+    lines = []
+    rebuilt = 0
+    for found in unrecorded_disks(service):
+        where = f"{found.disk.alias} on {found.domain.name}"
+        if found.disk.disk_type != "block" or not found.disk.source_dev:
+            lines.append(
+                f"left alone: {where} is a {found.disk.disk_type} disk; its connection info "
+                "is not in libvirt, so the agent will neither record nor disconnect it"
+            )
+            continue
+        attachment, connection = _records(service, found)
+        if service.store.adopt(attachment, connection):
+            rebuilt += 1
+            lines.append(f"rebuilt: {where} -> {connection.connection_key}")
+        else:
+            lines.append(f"left alone: {where}: its id was already detached (tombstone)")
+    lines.append(f"rebuilt {rebuilt} attachments")
+    return lines
