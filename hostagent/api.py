@@ -239,7 +239,7 @@ class ApiHandlers:
         return model_response(await self._run(self.service.get, attachment_id))
 
     async def list_attachments(self, request: web.Request) -> web.Response:
-        attachments = await self._run(self.service.list)
+        attachments = await self._run(self.service.list_attachments)
         return model_response(AttachmentList(attachments=attachments))
 
     async def list_connections(self, request: web.Request) -> web.Response:

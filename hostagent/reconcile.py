@@ -10,6 +10,7 @@ our devices without a record of ours (their devices stay connected).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -74,7 +75,7 @@ class Reconciler:
             domain = service.guests.find(record.domain_uuid)
             try:
                 if domain is None:
-                    result = service.release(record)
+                    result = service.connections.release(record)
                     return [
                         _act(
                             "released",
@@ -100,7 +101,7 @@ class Reconciler:
                                 f"{domain.name} still holds {record.alias}",
                             )
                         ]
-                    result = service.release(record)
+                    result = service.connections.release(record)
                     return [
                         _act(
                             "finished_detach",
@@ -137,7 +138,7 @@ class Reconciler:
                 domain = service.guests.find(current.domain_uuid)
                 if domain is not None and any(service.disk_presence(current, domain)):
                     continue
-                result = service.release_after_reboot(current)
+                result = service.connections.release_after_reboot(current)
                 actions.append(
                     _act(
                         "released_after_reboot",
@@ -151,7 +152,7 @@ class Reconciler:
             if current_connection is None or service.store.refcount(key) == 0:
                 return actions
             try:
-                service.reconnect(current_connection)
+                service.connections.reconnect(current_connection)
             except HostagentError as exc:
                 return [
                     *actions,
@@ -182,13 +183,29 @@ class Reconciler:
                 if users == 0:
                     return self._unused_connection(connection)
                 if connection.state is not ConnectionState.CONNECTED:
-                    service.reconnect(connection)
+                    service.connections.reconnect(connection)
                     return [
                         ReconcileAction(
                             action="reconnected",
                             subject=connection_key,
                             detail=f"was {connection.state.value} with {users} attachments",
                         )
+                    ]
+                if connection.device_path and not os.path.exists(connection.device_path):
+                    missing = ReconcileAction(
+                        action="device_missing",
+                        subject=connection_key,
+                        detail=f"{connection.device_path} is gone while {users} attachments "
+                        "use it; connecting again",
+                    )
+                    service.connections.reconnect(connection)
+                    return [
+                        missing,
+                        ReconcileAction(
+                            action="reconnected",
+                            subject=connection_key,
+                            detail=f"{connection.device_path} is back",
+                        ),
                     ]
             except HostagentError as exc:
                 return [
@@ -198,24 +215,22 @@ class Reconciler:
 
     def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
         key = connection.connection_key
-        if connection.device_path is not None:
-            refs = references_in(scan_domain_disks(self.service.guests), connection.device_path)
-            if refs:
-                names = sorted({r.domain_name for r in refs})
-                return [
-                    ReconcileAction(
-                        action="kept",
-                        subject=key,
-                        detail="no attachments, but used by domain " + ", ".join(names),
-                    )
-                ]
-        if not self.service.disconnect_unused(connection):
+        users = self.service.connections.device_users(connection)
+        if users:
+            return [
+                ReconcileAction(
+                    action="kept",
+                    subject=key,
+                    detail="no attachments, but used by " + "; ".join(users),
+                )
+            ]
+        if not self.service.connections.disconnect_unused(connection):
             return []  # attached again meanwhile: in use, nothing to do
         return [
             ReconcileAction(
                 action="disconnected",
                 subject=key,
-                detail=f"no attachments and no domain uses {connection.device_path or key}",
+                detail=f"no attachments and nothing uses {connection.device_path or key}",
             )
         ]
 

@@ -13,18 +13,16 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hostagent import connectors, failpoints
-from hostagent.connectors import Connector, ConnectorError, HostDevice, InvalidTarget, Target
+from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentConflict,
     AttachmentIdReused,
     AttachmentNotFound,
-    ConnectFailed,
     DetachTimeout,
-    DisconnectFailed,
     DomainNotFound,
     HostagentError,
     InvalidRequest,
@@ -32,16 +30,14 @@ from hostagent.errors import (
 )
 from hostagent.guest_disks import GuestDisks, validate_disk_rules
 from hostagent.guests import DomainInfo, Guests
+from hostagent.host_connections import HostConnections
 from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
 from hostagent.locks import HostLocks
 from hostagent.models import Attachment, AttachRequest, DetachResult
-from hostagent.references import find_device_references, processes_holding
 from hostagent.store import (
     AttachmentRecord,
     AttachmentState,
-    ConnectionRecord,
-    ConnectionReleasing,
     ConnectionState,
     Store,
 )
@@ -85,6 +81,9 @@ class AttachmentService:
         self.settings = settings
         self._monotonic = monotonic
         self._disks = GuestDisks(guests=guests, store=store, locks=locks)
+        self.connections = HostConnections(
+            store=store, guests=guests, registry=registry, locks=locks, boot_id=settings.boot_id
+        )
 
     # views
 
@@ -113,7 +112,7 @@ class AttachmentService:
             raise AttachmentNotFound(f"no attachment {attachment_id}")
         return self.view(record)
 
-    def list(self) -> list[Attachment]:
+    def list_attachments(self) -> list[Attachment]:
         return [self.view(r) for r in self.store.list_attachments()]
 
     # attach
@@ -158,7 +157,9 @@ class AttachmentService:
                         "use a fresh id for a new attach"
                     )
                 record = self._new_record(attachment_id, request, domain, target, digest)
-            made_connection = self._connect(record, connector, target, new=existing is None)
+            made_connection = self.connections.join(
+                record, connector, target, new=existing is None
+            )
             try:
                 record = self._disks.attach(record, request, target, self._device(record), domain)
             except HostagentError as exc:
@@ -216,80 +217,6 @@ class AttachmentService:
         assert connection is not None and connection.state is ConnectionState.CONNECTED
         return HostDevice(path=connection.device_path, device_info=connection.device_info or {})
 
-    def _connection_intent(self, target: Target) -> ConnectionRecord:
-        return ConnectionRecord(
-            connection_key=target.connection_key,
-            driver_volume_type=target.driver_volume_type,
-            connection_data=dict(target.properties),
-            disk_format=target.disk_format,
-            state=ConnectionState.CONNECTING,
-            boot_id=self.settings.boot_id,
-            created_at=time.time(),
-        )
-
-    def _connect(
-        self, record: AttachmentRecord, connector: Connector, target: Target, *, new: bool
-    ) -> bool:
-        """Record the attach intent and make the host connection if it is not up.
-
-        The common case, a connection already up, takes no connection lock:
-        the intent row alone keeps it from being released (every release
-        re-counts users in the transaction that marks it ``disconnecting``).
-        Returns True when this call made the connection.
-        """
-        key = target.connection_key
-        connection: ConnectionRecord | None
-        if new:
-            try:
-                connection = self.store.begin_attach(record, self._connection_intent(target))
-                failpoints.hit("attach.after_intent")
-                new = False
-            except ConnectionReleasing:
-                connection = None  # a release is disconnecting it: wait for its lock
-        else:
-            connection = self.store.get_connection(key)
-        if connection is not None and connection.state is ConnectionState.CONNECTED:
-            return False
-        with self.locks.connection(key):
-            if new:
-                self.store.begin_attach(
-                    record, self._connection_intent(target), while_releasing=True
-                )
-                failpoints.hit("attach.after_intent")
-            connection = self.store.get_connection(key)
-            assert connection is not None, "an attachment row always has its connection"
-            if connection.state is ConnectionState.CONNECTED:
-                return False
-            if connection.state is not ConnectionState.CONNECTING:
-                self.store.set_connection_state(key, ConnectionState.CONNECTING)
-            LOG.info("attachment %s: connecting %s", record.attachment_id, key)
-            try:
-                device = connector.connect(target)
-            except ConnectorError as exc:
-                LOG.error("attachment %s: connect %s failed: %s", record.attachment_id, key, exc)
-                self.store.forget_attachment(record.attachment_id)
-                if self.store.mark_disconnecting(key):
-                    self._best_effort_disconnect(connector, target, None)
-                    self.store.drop_connection(key)
-                raise ConnectFailed(f"connecting {key} failed: {exc}") from None
-            failpoints.hit("attach.after_connect")
-            self.store.set_connection_state(
-                key,
-                ConnectionState.CONNECTED,
-                device_path=device.path,
-                device_info=device.device_info,
-                boot_id=self.settings.boot_id,
-            )
-            return True
-
-    def _best_effort_disconnect(
-        self, connector: Connector, target: Target, device: HostDevice | None
-    ) -> None:
-        try:
-            connector.disconnect(target, device or HostDevice(path=None, device_info={}))
-        except ConnectorError as exc:
-            LOG.warning("cleanup disconnect of %s failed: %s", target.connection_key, exc)
-
     def _roll_back(
         self, record: AttachmentRecord, connector: Connector, target: Target, made: bool
     ) -> None:
@@ -308,24 +235,11 @@ class AttachmentService:
                 exc.message,
             )
             return
-        self._forget(record, may_disconnect=made)
-
-    def _forget(self, record: AttachmentRecord, *, may_disconnect: bool) -> None:
-        """Drop a record whose disk is not on its domain (no tombstone: the id
-        may be used again) and, if allowed, the connection nobody else uses."""
-        key = record.connection_key
-        with self.locks.connection(key):
-            self.store.forget_attachment(record.attachment_id)
-            if not may_disconnect or self.store.refcount(key) > 0:
-                return
-            connection = self.store.get_connection(key)
-            if connection is None or self._still_referenced(record, connection):
-                return
-            self.disconnect_unused(connection)
+        self.connections.forget(record, may_disconnect=made)
 
     def roll_back_interrupted_attach(self, record: AttachmentRecord) -> None:
         """Reconcile: an attach that died before its disk reached the domain."""
-        self._forget(record, may_disconnect=True)
+        self.connections.forget(record, may_disconnect=True)
 
     def finish_interrupted_attach(self, record: AttachmentRecord, domain: DomainInfo) -> None:
         """Reconcile: an attach that died after libvirt took the disk (maybe only
@@ -347,80 +261,6 @@ class AttachmentService:
         """Whether the record's disk is in the domain's live XML / persistent config."""
         return self._disks.alias_presence(domain, record.alias)
 
-    @staticmethod
-    def _target(connection: ConnectionRecord) -> tuple[Target, HostDevice]:
-        target = Target(
-            driver_volume_type=connection.driver_volume_type,
-            connection_key=connection.connection_key,
-            properties=connection.connection_data,
-            disk_format=connection.disk_format,
-        )
-        device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
-        return target, device
-
-    def reconnect(self, connection: ConnectionRecord) -> None:
-        """Bring a connection that has users back to ``connected`` (reconcile).
-        Caller holds the connection lock."""
-        connector = self.registry.get(connection.driver_volume_type)
-        target, _ = self._target(connection)
-        self.store.set_connection_state(connection.connection_key, ConnectionState.CONNECTING)
-        try:
-            device = connector.connect(target)
-        except ConnectorError as exc:
-            raise ConnectFailed(
-                f"reconnecting {connection.connection_key} failed: {exc}"
-            ) from None
-        self.store.set_connection_state(
-            connection.connection_key,
-            ConnectionState.CONNECTED,
-            device_path=device.path,
-            device_info=device.device_info,
-            boot_id=self.settings.boot_id,
-        )
-
-    def release_after_reboot(self, record: AttachmentRecord) -> DetachResult:
-        """Drop an attachment whose host connection the reboot already took down.
-
-        No os-brick disconnect: there is nothing left to undo. The last user of
-        the connection reports the release (``terminate_connection``), as a
-        detach would have.
-        """
-        key = record.connection_key
-
-        def shared(users_left: int) -> dict[str, object]:
-            return DetachResult(
-                attachment_id=record.attachment_id,
-                connection_key=key,
-                host_refcount=users_left,
-                host_disconnected=False,
-                terminate_connection=False,
-            ).model_dump()
-
-        body = self.store.release_if_shared(record, shared)
-        if body is None:
-            with self.locks.connection(key):
-                body = DetachResult(
-                    attachment_id=record.attachment_id,
-                    connection_key=key,
-                    host_refcount=0,
-                    host_disconnected=True,
-                    terminate_connection=True,
-                ).model_dump()
-                self.store.finish_detach(record, body, drop_connection=True)
-        return DetachResult.model_validate(body)
-
-    def disconnect_unused(self, connection: ConnectionRecord) -> bool:
-        """Disconnect and drop a connection no attachment uses; False if one
-        attached meanwhile. Caller holds the connection lock and has checked
-        that no domain references the device."""
-        if not self.store.mark_disconnecting(connection.connection_key):
-            return False
-        self._disconnect(connection)
-        self.store.drop_connection(connection.connection_key)
-        return True
-
-    # detach
-
     def detach(self, attachment_id: str) -> DetachResult:
         with self.locks.attachment(attachment_id):
             record = self.store.get_attachment(attachment_id)
@@ -440,7 +280,7 @@ class AttachmentService:
             )
             self._remove_from_domain(record, timeout=self.settings.detach_timeout)
             failpoints.hit("detach.after_removal")
-            return self.release(record)
+            return self.connections.release(record)
 
     def _disk_presence(self, record: AttachmentRecord) -> tuple[bool, bool] | None:
         """(in live XML, in config) for the record's alias; None if the domain is gone."""
@@ -507,108 +347,3 @@ class AttachmentService:
         except DomainNotFound:
             return False
         return parse_disk_refs(xml).has_alias(record.alias)
-
-    def release(self, record: AttachmentRecord) -> DetachResult:
-        """Drop an attachment whose disk is gone; disconnect if it was the last user.
-
-        While other attachments use the connection this is one transaction
-        and no lock. The last user takes the connection lock, scans every
-        domain (live and config) for the device, and disconnects only if none
-        uses it. Raises DisconnectFailed (the attachment stays detaching)
-        when os-brick cannot release the connection.
-        """
-        key = record.connection_key
-
-        def shared(users_left: int) -> dict[str, object]:
-            return DetachResult(
-                attachment_id=record.attachment_id,
-                connection_key=key,
-                host_refcount=users_left,
-                host_disconnected=False,
-                terminate_connection=False,
-            ).model_dump()
-
-        body = self.store.release_if_shared(record, shared)
-        if body is None:
-            with self.locks.connection(key):
-                body = self._release_last(record, shared)
-        result = DetachResult.model_validate(body)
-        LOG.info(
-            "attachment %s: volume %s detached from %s; %s refcount %d%s",
-            record.attachment_id,
-            record.volume_id,
-            record.domain_name,
-            key,
-            result.host_refcount,
-            ", host connection released" if result.host_disconnected else "",
-        )
-        return result
-
-    def _release_last(
-        self, record: AttachmentRecord, shared: Callable[[int], dict[str, object]]
-    ) -> Mapping[str, object]:
-        """The caller holds the connection lock and was the last user a moment ago."""
-        key = record.connection_key
-        connection = self.store.get_connection(key)
-        assert connection is not None
-        if self._still_referenced(record, connection) or not self.store.mark_disconnecting(
-            key, excluding=record.attachment_id
-        ):
-            # Kept for a domain that still uses the device, or attached again meanwhile.
-            body = shared(self.store.refcount(key) - 1)
-            self.store.finish_detach(record, body, drop_connection=False)
-            return body
-        failpoints.hit("detach.after_mark_disconnecting")
-        self._disconnect(connection)
-        failpoints.hit("detach.after_disconnect")
-        body = DetachResult(
-            attachment_id=record.attachment_id,
-            connection_key=key,
-            host_refcount=0,
-            host_disconnected=True,
-            terminate_connection=True,
-        ).model_dump()
-        self.store.finish_detach(record, body, drop_connection=True)
-        return body
-
-    def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
-        """Whether any domain (live or config) or any process still uses the device."""
-        if connection.device_path is None:
-            return False
-        references = find_device_references(self.guests, connection.device_path)
-        for ref in references:
-            LOG.warning(
-                "attachment %s: %s is still used by domain %s (%s, disk %s); "
-                "keeping the host connection",
-                record.attachment_id,
-                connection.device_path,
-                ref.domain_name,
-                ref.where,
-                ref.alias or ref.target_dev,
-            )
-        if references:
-            return True
-        holders = processes_holding(connection.device_path)
-        for holder in holders:
-            LOG.warning(
-                "attachment %s: %s is still open in process %d (%s) though no domain "
-                "names it; keeping the host connection",
-                record.attachment_id,
-                connection.device_path,
-                holder.pid,
-                holder.command,
-            )
-        return bool(holders)
-
-    def _disconnect(self, connection: ConnectionRecord) -> None:
-        """os-brick disconnect; the caller recorded the intent (``mark_disconnecting``)."""
-        connector = self.registry.get(connection.driver_volume_type)
-        target, device = self._target(connection)
-        LOG.info("disconnecting %s (no users left)", connection.connection_key)
-        try:
-            connector.disconnect(target, device)
-        except ConnectorError as exc:
-            raise DisconnectFailed(
-                f"disconnecting {connection.connection_key} failed: {exc}; the connection "
-                "stays; retry the DELETE (or reconcile)"
-            ) from None

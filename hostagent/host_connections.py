@@ -1,0 +1,315 @@
+"""Host connections: connect once per host, disconnect on the last release.
+
+The refcount is the number of attachment rows of a connection. Attaching to
+a connection that is up, and releasing one of several users, are single
+store transactions and take no lock; connect and disconnect run under the
+connection's lock. Every release re-counts users in the transaction that
+marks the connection ``disconnecting``, and an attach intent is refused
+while that mark stands, so a disconnect never races an attach. Nothing is
+disconnected while a domain (live XML or persistent config) names the device
+or a process holds it open.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from hostagent import connectors, failpoints
+from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
+from hostagent.errors import ConnectFailed, DisconnectFailed
+from hostagent.guests import Guests
+from hostagent.locks import HostLocks
+from hostagent.models import DetachResult
+from hostagent.references import find_device_references, processes_holding
+from hostagent.store import (
+    AttachmentRecord,
+    ConnectionRecord,
+    ConnectionReleasing,
+    ConnectionState,
+    Store,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+class HostConnections:
+    """The per-host connections behind attachments, and their refcounts."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        guests: Guests,
+        registry: connectors.ConnectorRegistry,
+        locks: HostLocks,
+        boot_id: str,
+    ) -> None:
+        self.store = store
+        self.guests = guests
+        self.registry = registry
+        self.locks = locks
+        self.boot_id = boot_id
+
+    def _connection_intent(self, target: Target) -> ConnectionRecord:
+        return ConnectionRecord(
+            connection_key=target.connection_key,
+            driver_volume_type=target.driver_volume_type,
+            connection_data=dict(target.properties),
+            disk_format=target.disk_format,
+            state=ConnectionState.CONNECTING,
+            boot_id=self.boot_id,
+            created_at=time.time(),
+        )
+
+    def join(
+        self, record: AttachmentRecord, connector: Connector, target: Target, *, new: bool
+    ) -> bool:
+        """Record the attach intent and make the host connection if it is not up.
+
+        The common case, a connection already up, takes no connection lock:
+        the intent row alone keeps it from being released (every release
+        re-counts users in the transaction that marks it ``disconnecting``).
+        Returns True when this call made the connection.
+        """
+        key = target.connection_key
+        connection: ConnectionRecord | None
+        if new:
+            try:
+                connection = self.store.begin_attach(record, self._connection_intent(target))
+                failpoints.hit("attach.after_intent")
+                new = False
+            except ConnectionReleasing:
+                connection = None  # a release is disconnecting it: wait for its lock
+        else:
+            connection = self.store.get_connection(key)
+        if connection is not None and connection.state is ConnectionState.CONNECTED:
+            return False
+        with self.locks.connection(key):
+            if new:
+                self.store.begin_attach(
+                    record, self._connection_intent(target), while_releasing=True
+                )
+                failpoints.hit("attach.after_intent")
+            connection = self.store.get_connection(key)
+            assert connection is not None, "an attachment row always has its connection"
+            if connection.state is ConnectionState.CONNECTED:
+                return False
+            if connection.state is not ConnectionState.CONNECTING:
+                self.store.set_connection_state(key, ConnectionState.CONNECTING)
+            LOG.info("attachment %s: connecting %s", record.attachment_id, key)
+            try:
+                device = connector.connect(target)
+            except ConnectorError as exc:
+                LOG.error("attachment %s: connect %s failed: %s", record.attachment_id, key, exc)
+                self.store.forget_attachment(record.attachment_id)
+                if self.store.mark_disconnecting(key):
+                    self._best_effort_disconnect(connector, target, None)
+                    self.store.drop_connection(key)
+                raise ConnectFailed(f"connecting {key} failed: {exc}") from None
+            failpoints.hit("attach.after_connect")
+            self.store.set_connection_state(
+                key,
+                ConnectionState.CONNECTED,
+                device_path=device.path,
+                device_info=device.device_info,
+                boot_id=self.boot_id,
+            )
+            return True
+
+    def _best_effort_disconnect(
+        self, connector: Connector, target: Target, device: HostDevice | None
+    ) -> None:
+        try:
+            connector.disconnect(target, device or HostDevice(path=None, device_info={}))
+        except ConnectorError as exc:
+            LOG.warning("cleanup disconnect of %s failed: %s", target.connection_key, exc)
+
+    def forget(self, record: AttachmentRecord, *, may_disconnect: bool) -> None:
+        """Drop a record whose disk is not on its domain (no tombstone: the id
+        may be used again) and, if allowed, the connection nobody else uses."""
+        key = record.connection_key
+        with self.locks.connection(key):
+            self.store.forget_attachment(record.attachment_id)
+            if not may_disconnect or self.store.refcount(key) > 0:
+                return
+            connection = self.store.get_connection(key)
+            if connection is None or self._still_referenced(record, connection):
+                return
+            self.disconnect_unused(connection)
+
+    @staticmethod
+    def target_of(connection: ConnectionRecord) -> tuple[Target, HostDevice]:
+        target = Target(
+            driver_volume_type=connection.driver_volume_type,
+            connection_key=connection.connection_key,
+            properties=connection.connection_data,
+            disk_format=connection.disk_format,
+        )
+        device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
+        return target, device
+
+    def reconnect(self, connection: ConnectionRecord) -> None:
+        """Bring a connection that has users back to ``connected`` (reconcile).
+        Caller holds the connection lock."""
+        connector = self.registry.get(connection.driver_volume_type)
+        target, _ = self.target_of(connection)
+        self.store.set_connection_state(connection.connection_key, ConnectionState.CONNECTING)
+        try:
+            device = connector.connect(target)
+        except ConnectorError as exc:
+            raise ConnectFailed(
+                f"reconnecting {connection.connection_key} failed: {exc}"
+            ) from None
+        self.store.set_connection_state(
+            connection.connection_key,
+            ConnectionState.CONNECTED,
+            device_path=device.path,
+            device_info=device.device_info,
+            boot_id=self.boot_id,
+        )
+
+    def release_after_reboot(self, record: AttachmentRecord) -> DetachResult:
+        """Drop an attachment whose host connection the reboot already took down.
+
+        No os-brick disconnect: there is nothing left to undo. The last user of
+        the connection reports the release (``terminate_connection``), as a
+        detach would have.
+        """
+        key = record.connection_key
+
+        def shared(users_left: int) -> dict[str, object]:
+            return DetachResult(
+                attachment_id=record.attachment_id,
+                connection_key=key,
+                host_refcount=users_left,
+                host_disconnected=False,
+                terminate_connection=False,
+            ).model_dump()
+
+        body = self.store.release_if_shared(record, shared)
+        if body is None:
+            with self.locks.connection(key):
+                body = DetachResult(
+                    attachment_id=record.attachment_id,
+                    connection_key=key,
+                    host_refcount=0,
+                    host_disconnected=True,
+                    terminate_connection=True,
+                ).model_dump()
+                self.store.finish_detach(record, body, drop_connection=True)
+        return DetachResult.model_validate(body)
+
+    def disconnect_unused(self, connection: ConnectionRecord) -> bool:
+        """Disconnect and drop a connection no attachment uses; False if one
+        attached meanwhile. Caller holds the connection lock and has checked
+        that no domain references the device."""
+        if not self.store.mark_disconnecting(connection.connection_key):
+            return False
+        self._disconnect(connection)
+        self.store.drop_connection(connection.connection_key)
+        return True
+
+    # detach
+
+    def release(self, record: AttachmentRecord) -> DetachResult:
+        """Drop an attachment whose disk is gone; disconnect if it was the last user.
+
+        While other attachments use the connection this is one transaction
+        and no lock. The last user takes the connection lock, scans every
+        domain (live and config) for the device, and disconnects only if none
+        uses it. Raises DisconnectFailed (the attachment stays detaching)
+        when os-brick cannot release the connection.
+        """
+        key = record.connection_key
+
+        def shared(users_left: int) -> dict[str, object]:
+            return DetachResult(
+                attachment_id=record.attachment_id,
+                connection_key=key,
+                host_refcount=users_left,
+                host_disconnected=False,
+                terminate_connection=False,
+            ).model_dump()
+
+        body = self.store.release_if_shared(record, shared)
+        if body is None:
+            with self.locks.connection(key):
+                body = self._release_last(record, shared)
+        result = DetachResult.model_validate(body)
+        LOG.info(
+            "attachment %s: volume %s detached from %s; %s refcount %d%s",
+            record.attachment_id,
+            record.volume_id,
+            record.domain_name,
+            key,
+            result.host_refcount,
+            ", host connection released" if result.host_disconnected else "",
+        )
+        return result
+
+    def _release_last(
+        self, record: AttachmentRecord, shared: Callable[[int], dict[str, object]]
+    ) -> Mapping[str, object]:
+        """The caller holds the connection lock and was the last user a moment ago."""
+        key = record.connection_key
+        connection = self.store.get_connection(key)
+        assert connection is not None
+        if self._still_referenced(record, connection) or not self.store.mark_disconnecting(
+            key, excluding=record.attachment_id
+        ):
+            # Kept for a domain that still uses the device, or attached again meanwhile.
+            body = shared(self.store.refcount(key) - 1)
+            self.store.finish_detach(record, body, drop_connection=False)
+            return body
+        failpoints.hit("detach.after_mark_disconnecting")
+        self._disconnect(connection)
+        failpoints.hit("detach.after_disconnect")
+        body = DetachResult(
+            attachment_id=record.attachment_id,
+            connection_key=key,
+            host_refcount=0,
+            host_disconnected=True,
+            terminate_connection=True,
+        ).model_dump()
+        self.store.finish_detach(record, body, drop_connection=True)
+        return body
+
+    def device_users(self, connection: ConnectionRecord) -> list[str]:
+        """Who still uses the connection's device: domains (live or config) that
+        name it, else processes that hold it open. Empty: safe to disconnect."""
+        if connection.device_path is None:
+            return []
+        users = [
+            f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
+            for ref in find_device_references(self.guests, connection.device_path)
+        ]
+        return users or [
+            f"process {holder.pid} ({holder.command}) that holds it open"
+            for holder in processes_holding(connection.device_path)
+        ]
+
+    def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
+        users = self.device_users(connection)
+        if users:
+            LOG.warning(
+                "attachment %s: %s is still used by %s; keeping the host connection",
+                record.attachment_id,
+                connection.device_path,
+                "; ".join(users),
+            )
+        return bool(users)
+
+    def _disconnect(self, connection: ConnectionRecord) -> None:
+        """os-brick disconnect; the caller recorded the intent (``mark_disconnecting``)."""
+        connector = self.registry.get(connection.driver_volume_type)
+        target, device = self.target_of(connection)
+        LOG.info("disconnecting %s (no users left)", connection.connection_key)
+        try:
+            connector.disconnect(target, device)
+        except ConnectorError as exc:
+            raise DisconnectFailed(
+                f"disconnecting {connection.connection_key} failed: {exc}; the connection "
+                "stays; retry the DELETE (or reconcile)"
+            ) from None
