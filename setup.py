@@ -21,6 +21,7 @@ setup(
         "pyroute2>=0.7",
         "aiohttp>=3.9",
         "pydantic>=2.5",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [

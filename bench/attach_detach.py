@@ -248,7 +248,7 @@ def main() -> int:
         workdir / "state",
         workdir / "d.sock",
         workdir / "daemon.log",
-        options={"reconcile-interval": "0"},
+        options={"reconcile.interval": "0"},
     )
     try:
         device = loops.make(16)

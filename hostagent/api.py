@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from hostagent import __version__
+from hostagent.connector_props import connector_properties
+from hostagent.diagnostics import diagnose, libvirt_view
 from hostagent.errors import HostagentError, InvalidRequest
 from hostagent.models import (
     ID_PATTERN,
@@ -29,13 +32,17 @@ from hostagent.models import (
     AttachmentList,
     AttachRequest,
     ConnectionList,
+    ConnectorProperties,
     DetachResult,
+    DoctorReport,
     ErrorBody,
     ErrorDetail,
     Health,
+    LibvirtView,
     ReconcileReport,
     describe_validation_error,
 )
+from hostagent.peer_auth import PeerPolicy, peer_auth_middleware
 from hostagent.reconcile import Reconciler
 from hostagent.service import AttachmentService
 from hostagent.views import connection_list
@@ -60,6 +67,7 @@ class Route:
     request: type[BaseModel] | None = None
     responses: dict[int, type[BaseModel]] = field(default_factory=dict)
     errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)  # name -> description
 
 
 ROUTES: tuple[Route, ...] = (
@@ -109,6 +117,18 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/v1/attachments/{attachment_id}/libvirt",
+        "get_attachment_libvirt",
+        "The attachment's disk as libvirt has it now, and the virsh commands that show it",
+        responses={200: LibvirtView},
+        errors={
+            400: ("invalid_request",),
+            404: ("attachment_not_found",),
+            503: ("libvirt_unavailable",),
+        },
+    ),
+    Route(
+        "GET",
         "/v1/attachments",
         "list_attachments",
         "Attachments not yet detached, in any state",
@@ -122,6 +142,23 @@ ROUTES: tuple[Route, ...] = (
         responses={200: ConnectionList},
     ),
     Route("GET", "/v1/health", "health", "Daemon and libvirt health", responses={200: Health}),
+    Route(
+        "GET",
+        "/v1/connector",
+        "connector",
+        "This host's os-brick connector properties, ip chosen by a route lookup",
+        responses={200: ConnectorProperties},
+        errors={400: ("invalid_request",)},
+        query={"target": "storage address (IP literal) to choose the source ip for"},
+    ),
+    Route(
+        "GET",
+        "/v1/doctor",
+        "doctor",
+        "Disagreements between the records, libvirt and the host, with suggested commands",
+        responses={200: DoctorReport},
+        errors={503: ("libvirt_unavailable",)},
+    ),
     Route(
         "POST",
         "/v1/reconcile",
@@ -187,7 +224,13 @@ class ApiHandlers:
         reconciler: Reconciler,
         executor: ThreadPoolExecutor,
         openapi: dict[str, Any],
+        *,
+        connector_host: str,
+        connector_my_ip: str | None,
     ) -> None:
+        self.metrics = service.metrics
+        self.connector_host = connector_host
+        self.connector_my_ip = connector_my_ip
         self.service = service
         self.reconciler = reconciler
         self.executor = executor
@@ -200,7 +243,7 @@ class ApiHandlers:
     @staticmethod
     def _attachment_id(request: web.Request) -> str:
         attachment_id = request.match_info["attachment_id"]
-        if not _ID.match(attachment_id):
+        if not _ID.fullmatch(attachment_id):
             raise InvalidRequest(
                 f"attachment_id {attachment_id[:80]!r} must be 1-64 chars of [A-Za-z0-9_-]"
             )
@@ -227,16 +270,49 @@ class ApiHandlers:
     async def put_attachment(self, request: web.Request) -> web.Response:
         attachment_id = self._attachment_id(request)
         body = await self._body(request, AttachRequest)
-        attachment, created = await self._run(self.service.attach, attachment_id, body)
+        try:
+            attachment, created = await self._run(self.service.attach, attachment_id, body)
+        except HostagentError as exc:
+            self.metrics.result("attach", exc.code)
+            raise
+        self.metrics.result("attach", "created" if created else "exists")
         return model_response(attachment, 201 if created else 200)
 
     async def delete_attachment(self, request: web.Request) -> web.Response:
         attachment_id = self._attachment_id(request)
-        return model_response(await self._run(self.service.detach, attachment_id))
+        try:
+            result = await self._run(self.service.detach, attachment_id)
+        except HostagentError as exc:
+            self.metrics.result("detach", exc.code)
+            raise
+        self.metrics.result("detach", "detached")
+        return model_response(result)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        body = await self._run(self.metrics.render)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def get_attachment(self, request: web.Request) -> web.Response:
         attachment_id = self._attachment_id(request)
         return model_response(await self._run(self.service.get, attachment_id))
+
+    async def get_attachment_libvirt(self, request: web.Request) -> web.Response:
+        attachment_id = self._attachment_id(request)
+        return model_response(await self._run(libvirt_view, self.service, attachment_id))
+
+    async def connector(self, request: web.Request) -> web.Response:
+        properties = await self._run(
+            functools.partial(
+                connector_properties,
+                target=request.query.get("target"),
+                host=self.connector_host,
+                my_ip=self.connector_my_ip,
+            )
+        )
+        return model_response(properties)
+
+    async def doctor(self, request: web.Request) -> web.Response:
+        return model_response(await self._run(diagnose, self.service))
 
     async def list_attachments(self, request: web.Request) -> web.Response:
         attachments = await self._run(self.service.list_attachments)
@@ -262,9 +338,13 @@ class ApiHandlers:
         return web.json_response(self.openapi)
 
 
-def make_app(handlers: ApiHandlers) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+def make_app(handlers: ApiHandlers, policy: PeerPolicy) -> web.Application:
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[error_middleware, peer_auth_middleware(policy)],
+    )
     for route in ROUTES:
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))
     app.router.add_get("/v1/openapi.json", handlers.get_openapi)
+    app.router.add_get("/metrics", handlers.metrics_text)
     return app

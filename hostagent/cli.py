@@ -157,6 +157,94 @@ def cmd_detach(client: HostagentClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(client: HostagentClient, args: argparse.Namespace) -> int:
+    attachment = client.get(args.attachment_id)
+    connection = next(
+        (
+            c
+            for c in client.connections().connections
+            if c.connection_key == attachment.connection_key
+        ),
+        None,
+    )
+    view = client.libvirt_view(args.attachment_id)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "attachment": attachment.model_dump(mode="json"),
+                    "connection": connection.model_dump(mode="json") if connection else None,
+                    "libvirt": view.model_dump(mode="json"),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    lines = [f"attachment {attachment.attachment_id}"]
+    lines += [
+        f"  {k}: {v}"
+        for k, v in attachment.model_dump().items()
+        if k not in ("attachment_id", "disk_xml")
+    ]
+    if connection is not None:
+        lines.append(f"host connection {connection.connection_key}")
+        lines += [
+            f"  {k}: {v}" for k, v in connection.model_dump().items() if k != "connection_key"
+        ]
+    where = "" if view.domain_exists else " (domain no longer exists)"
+    lines.append(
+        f"libvirt: domain {view.domain_name}{where}, "
+        f"{'running' if view.active else 'not running'}, "
+        f"{'persistent' if view.persistent else 'transient'}"
+    )
+    for label, xml in (
+        ("live XML", view.live_disk_xml),
+        ("persistent config", view.config_disk_xml),
+    ):
+        if (view.active and label == "live XML") or (view.persistent and label != "live XML"):
+            lines.append(f"  {label}:")
+            lines += [f"    {line}" for line in (xml or "(no disk with this alias)").splitlines()]
+    lines.append("the same in virsh:")
+    lines += [f"  {command}" for command in view.virsh_commands]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_doctor(client: HostagentClient, args: argparse.Namespace) -> int:
+    report = client.doctor()
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    elif report.ok:
+        print(
+            f"ok: {report.attachments} attachments, {report.connections} host connections "
+            f"and {report.domains} domains agree"
+        )
+    else:
+        for finding in report.findings:
+            print(f"{finding.kind}: {finding.subject}: {finding.detail}")
+            print(f"  try: {finding.suggestion}")
+    return 0 if report.ok else 1
+
+
+def cmd_reconcile(client: HostagentClient, args: argparse.Namespace) -> int:
+    report = client.reconcile()
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    elif not report.actions:
+        print("nothing to do: records, domains and devices agree")
+    else:
+        for action in report.actions:
+            print(f"{action.action}: {action.subject}: {action.detail}")
+    return 0
+
+
+def cmd_connector(client: HostagentClient, args: argparse.Namespace) -> int:
+    properties = client.connector(args.target)
+    data = properties.model_dump(mode="json")
+    _print(properties, args.json, "\n".join(f"{k}: {v}" for k, v in sorted(data.items())))
+    return 0
+
+
 def cmd_xml(args: argparse.Namespace) -> int:
     sys.stdout.write(
         render_disk_xml(
@@ -203,6 +291,13 @@ def _parser() -> argparse.ArgumentParser:
     detach = read_command("detach", "detach; prints terminate_connection")
     detach.add_argument("attachment_id")
 
+    show = read_command("show", "an attachment, its host connection and its disk in libvirt")
+    show.add_argument("attachment_id")
+    read_command("doctor", "records vs libvirt vs host devices; exit 1 on any disagreement")
+    connector = read_command("connector", "this host's connector properties for Cinder")
+    connector.add_argument("--target", help="storage address: report the ip used to reach it")
+    read_command("reconcile", "finish, roll back and release what records and libvirt disagree on")
+
     xml = read_command("xml", "render the disk XML offline (no daemon needed)")
     xml.add_argument(
         "--connection-info", required=True, help="Cinder connection_info JSON file ('-': stdin)"
@@ -226,6 +321,10 @@ COMMANDS = {
     "connections": cmd_connections,
     "attach": cmd_attach,
     "detach": cmd_detach,
+    "show": cmd_show,
+    "doctor": cmd_doctor,
+    "reconcile": cmd_reconcile,
+    "connector": cmd_connector,
 }
 
 

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import socket
+import urllib.parse
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,8 +16,11 @@ from hostagent.models import (
     AttachmentList,
     AttachRequest,
     ConnectionList,
+    ConnectorProperties,
     DetachResult,
+    DoctorReport,
     Health,
+    LibvirtView,
     ReconcileReport,
 )
 
@@ -113,3 +117,16 @@ class HostagentClient:
     def reconcile(self) -> ReconcileReport:
         _, data = self.request("POST", "/v1/reconcile")
         return ReconcileReport.model_validate(data)
+
+    def libvirt_view(self, attachment_id: str) -> LibvirtView:
+        _, data = self.request("GET", f"/v1/attachments/{attachment_id}/libvirt")
+        return LibvirtView.model_validate(data)
+
+    def connector(self, target: str | None = None) -> ConnectorProperties:
+        query = f"?target={urllib.parse.quote(target)}" if target else ""
+        _, data = self.request("GET", f"/v1/connector{query}")
+        return ConnectorProperties.model_validate(data)
+
+    def doctor(self) -> DoctorReport:
+        _, data = self.request("GET", "/v1/doctor")
+        return DoctorReport.model_validate(data)

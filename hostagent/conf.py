@@ -1,10 +1,17 @@
-"""hostagentd options (oslo.config): command line and ``[DEFAULT]`` of the config file."""
+"""hostagentd options (oslo.config): the command line, ``[DEFAULT]`` and one
+section per area of the config file.
+
+API.md's program options (``--socket-path``, ``--state-dir``,
+``--libvirt-uri``, ``--detach-timeout``) are ``[DEFAULT]`` keys and command
+line flags; the rest are config-file keys in their section.
+"""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from hostagent import __version__
 
@@ -12,12 +19,13 @@ DEFAULT_OPTS = [
     cfg.StrOpt(
         "socket-path",
         default="/run/hostagent/hostagent.sock",
-        help="Unix socket the API is served on (mode 0660).",
+        help="Unix socket the API is served on (mode 0660). Ignored when systemd "
+        "passes a listening socket (socket activation).",
     ),
     cfg.StrOpt(
         "state-dir",
         default="/var/lib/hostagent",
-        help="Directory of the sqlite state and the lock files.",
+        help="Directory of the sqlite state and the lock files; one daemon per directory.",
     ),
     cfg.StrOpt("libvirt-uri", default="qemu:///system", help="libvirt connection URI."),
     cfg.FloatOpt(
@@ -26,41 +34,11 @@ DEFAULT_OPTS = [
         min=0.1,
         help="Seconds one detach waits for the guest to release the device before 504.",
     ),
-    cfg.FloatOpt(
-        "detach-retry-interval",
-        default=5.0,
-        min=0.1,
-        help="Seconds between repeated unplug requests while a detach waits.",
-    ),
-    cfg.IntOpt(
-        "reconcile-interval",
-        default=300,
-        min=0,
-        help="Seconds between periodic reconciles; 0 disables the periodic run.",
-    ),
-    cfg.IntOpt(
-        "tombstone-ttl",
-        default=7 * 86400,
-        min=86400,
-        help="Seconds a finished detach is remembered (replayed DELETE, refused id reuse).",
-    ),
-    cfg.IntOpt(
-        "libvirt-connections",
-        default=4,
-        min=1,
-        help="libvirt connections the daemon opens; each carries at most 4 calls at once "
-        "(libvirtd serves 5 per client by default).",
-    ),
-    cfg.IntOpt(
-        "api-workers",
-        default=64,
-        min=2,
-        help="Threads running blocking API work (libvirt, os-brick, sqlite).",
-    ),
     cfg.StrOpt(
         "boot-id-path",
         default="/proc/sys/kernel/random/boot_id",
-        help="Where this host's boot id is read (recorded with every connection).",
+        help="Where this host's boot id is read (recorded with every connection; a new "
+        "one at start means the host rebooted).",
     ),
     cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
 ]
@@ -74,16 +52,92 @@ CLI_ONLY_OPTS = [
     ),
 ]
 
+API_OPTS: list[cfg.Opt] = [
+    cfg.IntOpt(
+        "workers",
+        default=64,
+        min=2,
+        help="Threads running blocking API work (libvirt, os-brick, sqlite).",
+    ),
+    cfg.ListOpt(
+        "allowed_uids",
+        item_type=types.Integer(min=0),
+        default=[],
+        help="uids besides root that may use the API (checked with SO_PEERCRED).",
+    ),
+    cfg.ListOpt(
+        "allowed_gids",
+        item_type=types.Integer(min=0),
+        default=[],
+        help="gids whose members may use the API (primary or supplementary group), "
+        "e.g. the hostagent group the socket belongs to.",
+    ),
+]
+
+LIBVIRT_OPTS: list[cfg.Opt] = [
+    cfg.IntOpt(
+        "connections",
+        default=4,
+        min=1,
+        help="libvirt connections the daemon opens; each carries at most 4 calls at once "
+        "(libvirtd serves 5 per client by default and stalls a client over that).",
+    ),
+    cfg.FloatOpt(
+        "detach_retry_interval",
+        default=5.0,
+        min=0.1,
+        help="Seconds between repeated unplug requests while a detach waits.",
+    ),
+]
+
+RECONCILE_OPTS: list[cfg.Opt] = [
+    cfg.IntOpt(
+        "interval",
+        default=300,
+        min=0,
+        help="Seconds between periodic reconciles; 0 disables the periodic run.",
+    ),
+    cfg.IntOpt(
+        "tombstone_ttl",
+        default=7 * 86400,
+        min=86400,
+        help="Seconds a finished detach is remembered (replayed DELETE, refused id reuse).",
+    ),
+]
+
+CONNECTOR_OPTS: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "host",
+        default=socket.gethostname(),
+        sample_default="<this host's name>",
+        help="The stable host name reported in connector properties.",
+    ),
+    cfg.StrOpt(
+        "my_ip",
+        help="The initiator IP to report when no target is named; default: the source "
+        "address of the default route.",
+    ),
+]
+
+GROUPS: dict[str, list[cfg.Opt]] = {
+    "api": API_OPTS,
+    "libvirt": LIBVIRT_OPTS,
+    "reconcile": RECONCILE_OPTS,
+    "connector": CONNECTOR_OPTS,
+}
+
 
 def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
     """Parse ``argv`` and the config files into a fresh ConfigOpts."""
     conf = cfg.ConfigOpts()
     conf.register_cli_opts(DEFAULT_OPTS)
     conf.register_cli_opts(CLI_ONLY_OPTS)
+    for group, opts in GROUPS.items():
+        conf.register_opts(opts, group=group)
     conf(list(argv), project="hostagent", prog="hostagentd", version=__version__)
     return conf
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
-    """Entry point for oslo-config-generator."""
-    return [(None, list(DEFAULT_OPTS))]
+    """Entry point for oslo-config-generator (the sample in etc/hostagent)."""
+    return [(None, list(DEFAULT_OPTS)), *((group, list(opts)) for group, opts in GROUPS.items())]

@@ -25,6 +25,7 @@ from hostagent.errors import HostagentError
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
 from hostagent.openapi import build_openapi
+from hostagent.peer_auth import PeerPolicy
 from hostagent.rebuild import rebuild_state, unrecorded_disks
 from hostagent.reconcile import Reconciler, VanishedDomains
 from hostagent.service import AttachmentService, ServiceSettings
@@ -183,7 +184,7 @@ def run(conf: cfg.ConfigOpts) -> int:
     with state_dir_guard(state_dir):
         state_is_new = not (state_dir / STATE_FILE).exists()
         store = Store(state_dir / STATE_FILE)
-        guests = Guests(conf.libvirt_uri, connections=conf.libvirt_connections)
+        guests = Guests(conf.libvirt_uri, connections=conf.libvirt.connections)
         service = AttachmentService(
             store=store,
             guests=guests,
@@ -191,22 +192,32 @@ def run(conf: cfg.ConfigOpts) -> int:
             locks=HostLocks(state_dir / "locks"),
             settings=ServiceSettings(
                 detach_timeout=conf.detach_timeout,
-                detach_retry_interval=conf.detach_retry_interval,
+                detach_retry_interval=conf.libvirt.detach_retry_interval,
                 boot_id=read_boot_id(conf.boot_id_path),
             ),
         )
         if conf.rebuild_state:
             return rebuild(service)
-        reconciler = Reconciler(service, tombstone_ttl=conf.tombstone_ttl)
+        service.metrics.watch(store, lambda: guests.connected)
+        reconciler = Reconciler(service, tombstone_ttl=conf.reconcile.tombstone_ttl)
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
         guests.start()  # connects (and reconciles) now if libvirtd answers
         if state_is_new and guests.connected:
             warn_about_unrecorded_disks(service)
-        executor = ThreadPoolExecutor(conf.api_workers, thread_name_prefix="api")
-        periodic = PeriodicReconcile(reconciler, guests, conf.reconcile_interval)
-        app = make_app(ApiHandlers(service, reconciler, executor, build_openapi()))
+        executor = ThreadPoolExecutor(conf.api.workers, thread_name_prefix="api")
+        periodic = PeriodicReconcile(reconciler, guests, conf.reconcile.interval)
+        policy = PeerPolicy.of(conf.api.allowed_uids, conf.api.allowed_gids)
+        handlers = ApiHandlers(
+            service,
+            reconciler,
+            executor,
+            build_openapi(),
+            connector_host=conf.connector.host,
+            connector_my_ip=conf.connector.my_ip,
+        )
+        app = make_app(handlers, policy)
         socket_path = Path(conf.socket_path).absolute()
         sock = bind_unix_socket(socket_path)
         periodic.start()

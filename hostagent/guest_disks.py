@@ -20,6 +20,7 @@ from hostagent.libvirt_xml.disk import (
 from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
 from hostagent.libvirt_xml.policy import build_disk
 from hostagent.locks import HostLocks
+from hostagent.metrics import Metrics
 from hostagent.models import AttachRequest
 from hostagent.render import disk_request
 from hostagent.store import AttachmentRecord, Store
@@ -98,10 +99,13 @@ class _DomainView:
 class GuestDisks:
     """Builds and attaches the disk of an attachment on its domain."""
 
-    def __init__(self, *, guests: Guests, store: Store, locks: HostLocks) -> None:
+    def __init__(
+        self, *, guests: Guests, store: Store, locks: HostLocks, metrics: Metrics
+    ) -> None:
         self.guests = guests
         self.store = store
         self.locks = locks
+        self.metrics = metrics
 
     def alias_presence(self, domain: DomainInfo, alias: str) -> tuple[bool, bool]:
         """Whether the disk ``alias`` is in the live XML / the persistent config."""
@@ -131,9 +135,10 @@ class GuestDisks:
                 return record
             if record.disk_xml is not None and (in_live or in_config):
                 # finish a half-done attach with the same disk
-                self.guests.attach_device(
-                    domain.uuid, record.disk_xml, live=need_live, config=need_config
-                )
+                with self.metrics.phase("libvirt_attach"):
+                    self.guests.attach_device(
+                        domain.uuid, record.disk_xml, live=need_live, config=need_config
+                    )
             else:
                 self._place_and_attach(
                     record=record,
@@ -176,7 +181,8 @@ class GuestDisks:
                 skipped=skipped,
             )
             try:
-                self.guests.attach_device(view.domain.uuid, disk_xml, live=live, config=config)
+                with self.metrics.phase("libvirt_attach"):
+                    self.guests.attach_device(view.domain.uuid, disk_xml, live=live, config=config)
                 return
             except LibvirtError as exc:
                 if not any(marker in exc.message for marker in _HIDDEN_DEVICE_MARKERS):

@@ -21,6 +21,7 @@ from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
 from hostagent.errors import ConnectFailed, DisconnectFailed
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks
+from hostagent.metrics import Metrics
 from hostagent.models import DetachResult
 from hostagent.references import find_device_references, processes_holding
 from hostagent.store import (
@@ -45,7 +46,9 @@ class HostConnections:
         registry: connectors.ConnectorRegistry,
         locks: HostLocks,
         boot_id: str,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.guests = guests
         self.registry = registry
@@ -100,7 +103,8 @@ class HostConnections:
                 self.store.set_connection_state(key, ConnectionState.CONNECTING)
             LOG.info("attachment %s: connecting %s", record.attachment_id, key)
             try:
-                device = connector.connect(target)
+                with self.metrics.phase("connect"):
+                    device = connector.connect(target)
             except ConnectorError as exc:
                 LOG.error("attachment %s: connect %s failed: %s", record.attachment_id, key, exc)
                 self.store.forget_attachment(record.attachment_id)
@@ -157,7 +161,8 @@ class HostConnections:
         target, _ = self.target_of(connection)
         self.store.set_connection_state(connection.connection_key, ConnectionState.CONNECTING)
         try:
-            device = connector.connect(target)
+            with self.metrics.phase("connect"):
+                device = connector.connect(target)
         except ConnectorError as exc:
             raise ConnectFailed(
                 f"reconnecting {connection.connection_key} failed: {exc}"
@@ -307,7 +312,8 @@ class HostConnections:
         target, device = self.target_of(connection)
         LOG.info("disconnecting %s (no users left)", connection.connection_key)
         try:
-            connector.disconnect(target, device)
+            with self.metrics.phase("disconnect"):
+                connector.disconnect(target, device)
         except ConnectorError as exc:
             raise DisconnectFailed(
                 f"disconnecting {connection.connection_key} failed: {exc}; the connection "

@@ -127,3 +127,48 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class LibvirtView(BaseModel):
+    """An attachment's disk as libvirt has it now, and the virsh commands that show it."""
+
+    attachment_id: str
+    domain_uuid: str
+    domain_name: str
+    domain_exists: bool
+    active: bool
+    persistent: bool
+    live_disk_xml: str | None = Field(description="the <disk> of the live XML, or null")
+    config_disk_xml: str | None = Field(description="the <disk> of the persistent config")
+    virsh_commands: list[str]
+
+
+class Finding(BaseModel):
+    """One disagreement between the records, libvirt and the host."""
+
+    kind: str = Field(description="e.g. missing_disk, unrecorded_disk, foreign_disk")
+    subject: str = Field(description="the attachment id, connection key or domain concerned")
+    detail: str
+    suggestion: str = Field(description="a command that inspects or fixes it")
+
+
+class DoctorReport(BaseModel):
+    ok: bool
+    findings: list[Finding]
+    attachments: int
+    connections: int
+    domains: int
+
+
+class ConnectorProperties(BaseModel):
+    """os-brick's connector properties (Cinder's ``connector``); os-brick may add keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ip: str = Field(description="initiator address: route lookup toward ?target, else my_ip")
+    host: str
+    multipath: bool
+    platform: str | None = None
+    os_type: str | None = None
+    initiator: str | None = Field(default=None, description="iSCSI initiator IQN, if any")
+    do_local_attach: bool | None = None

@@ -48,6 +48,16 @@ def build_openapi() -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": ID_PATTERN},
                 }
             ]
+        for name, description in route.query.items():
+            operation.setdefault("parameters", []).append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "description": description,
+                    "schema": {"type": "string"},
+                }
+            )
         if route.request:
             operation["requestBody"] = {
                 "required": True,
@@ -58,12 +68,44 @@ def build_openapi() -> dict[str, Any]:
                 "description": model.__doc__.strip().splitlines()[0] if model.__doc__ else "OK",
                 "content": {"application/json": {"schema": _ref(model)}},
             }
-        for status, codes in sorted(route.errors.items()):
+        for status, codes in sorted({403: ("forbidden",), **route.errors}.items()):
             operation["responses"][str(status)] = {
                 "description": "error: " + ", ".join(codes),
                 "content": {"application/json": {"schema": _ref(ErrorBody)}},
             }
         paths.setdefault(route.path, {})[route.method.lower()] = operation
+    paths["/metrics"] = {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics (text exposition format)",
+            "responses": {
+                "200": {
+                    "description": "metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "403": {
+                    "description": "error: forbidden",
+                    "content": {"application/json": {"schema": _ref(ErrorBody)}},
+                },
+            },
+        }
+    }
+    paths["/v1/openapi.json"] = {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "responses": {
+                "200": {
+                    "description": "the OpenAPI document",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "403": {
+                    "description": "error: forbidden",
+                    "content": {"application/json": {"schema": _ref(ErrorBody)}},
+                },
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {

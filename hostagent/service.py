@@ -34,6 +34,7 @@ from hostagent.host_connections import HostConnections
 from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
 from hostagent.locks import HostLocks
+from hostagent.metrics import Metrics
 from hostagent.models import Attachment, AttachRequest, DetachResult
 from hostagent.store import (
     AttachmentRecord,
@@ -72,6 +73,7 @@ class AttachmentService:
         registry: connectors.ConnectorRegistry,
         locks: HostLocks,
         settings: ServiceSettings,
+        metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -80,9 +82,15 @@ class AttachmentService:
         self.locks = locks
         self.settings = settings
         self._monotonic = monotonic
-        self._disks = GuestDisks(guests=guests, store=store, locks=locks)
+        self.metrics = metrics or Metrics()
+        self._disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=self.metrics)
         self.connections = HostConnections(
-            store=store, guests=guests, registry=registry, locks=locks, boot_id=settings.boot_id
+            store=store,
+            guests=guests,
+            registry=registry,
+            locks=locks,
+            boot_id=settings.boot_id,
+            metrics=self.metrics,
         )
 
     # views
@@ -278,7 +286,8 @@ class AttachmentService:
                 record.volume_id,
                 record.domain_name,
             )
-            self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+            with self.metrics.phase("removal_wait"):
+                self._remove_from_domain(record, timeout=self.settings.detach_timeout)
             failpoints.hit("detach.after_removal")
             return self.connections.release(record)
 

@@ -294,6 +294,15 @@ class Store:
         )
         return int(rows[0][0])
 
+    def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(attachments by state, connections by state), for metrics."""
+        attachments = self._read("SELECT state, count(*) FROM attachments GROUP BY state")
+        connections = self._read("SELECT state, count(*) FROM connections GROUP BY state")
+        return (
+            {row[0]: int(row[1]) for row in attachments},
+            {row[0]: int(row[1]) for row in connections},
+        )
+
     def get_tombstone(self, attachment_id: str) -> Tombstone | None:
         rows = self._read("SELECT * FROM tombstones WHERE attachment_id = ?", (attachment_id,))
         if not rows:

@@ -83,7 +83,7 @@ def daemon_factory(short_dir: Path) -> Iterator[DaemonFactory]:
             state_dir=short_dir / f"state{n}",
             socket_path=short_dir / f"d{n}.sock",
             log_path=short_dir / f"daemon{n}.log",
-            options={"detach-timeout": "5", "detach-retry-interval": "1", **options},
+            options={"detach-timeout": "5", "libvirt.detach_retry_interval": "1", **options},
             env=dict(_env or {}),
         )
         daemon.start()

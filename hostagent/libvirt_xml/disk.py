@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lxml import etree
+
 from hostagent.libvirt_xml.xmlmodel import (
     XmlModel,
     attr,
@@ -29,6 +31,7 @@ __all__ = [
     "DomainDiskRefs",
     "DriveAddress",
     "SourceHost",
+    "disk_fragment",
     "parse_disk_refs",
     "parse_domain",
 ]
@@ -165,6 +168,16 @@ class DomainDiskRefs(XmlModel):
 def parse_disk_refs(xml: str | bytes) -> DomainDiskRefs:
     """Parse only what each disk of a domain uses and how it is named."""
     return DomainDiskRefs.from_element(parse_xml(xml))
+
+
+def disk_fragment(domain_xml: str | bytes, alias: str) -> str | None:
+    """The ``<disk>`` element with user alias ``alias``, as libvirt wrote it, or None."""
+    root = parse_xml(domain_xml)
+    for disk in root.iterfind("./devices/disk"):
+        found = disk.find("./alias")
+        if found is not None and found.get("name") == alias:
+            return etree.tostring(disk, encoding="unicode").strip()
+    return None
 
 
 def parse_domain(xml: str | bytes) -> DomainDevices:

@@ -187,7 +187,7 @@ def test_sigkill_at_random_moments_under_load(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
     rng = seeded()
-    daemon = daemon_factory(**{"reconcile-interval": "0"})
+    daemon = daemon_factory(**{"reconcile.interval": "0"})
     domains, devices = make_world(guests, loops)
     load = Load(daemon.client, domains, devices, rng)
     threads = load.start()
@@ -225,7 +225,7 @@ def test_sigterm_under_load_finishes_requests_in_flight_and_exits_zero(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
     rng = seeded()
-    daemon = daemon_factory(**{"reconcile-interval": "0"})
+    daemon = daemon_factory(**{"reconcile.interval": "0"})
     domains, devices = make_world(guests, loops)
     load = Load(daemon.client, domains, devices, rng, retry=False)
     threads = load.start()

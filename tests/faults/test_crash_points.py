@@ -49,7 +49,7 @@ DETACH_CASES = [
 
 def crashing_daemon(daemon_factory: DaemonFactory, failpoint: str, nth: int) -> Daemon:
     return daemon_factory(
-        **{"reconcile-interval": "0"}, _env={"HOSTAGENT_FAILPOINTS": f"{failpoint}:{nth}"}
+        **{"reconcile.interval": "0"}, _env={"HOSTAGENT_FAILPOINTS": f"{failpoint}:{nth}"}
     )
 
 

@@ -132,7 +132,7 @@ def test_requests_get_503_while_libvirtd_is_down_then_work_again(
 def test_libvirtd_killed_under_load_gives_503s_then_everything_reconnects(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
-    daemon = daemon_factory(**{"reconcile-interval": "0"})
+    daemon = daemon_factory(**{"reconcile.interval": "0"})
     client = daemon.client
     domains, devices = make_world(guests, loops)
     # libvirtd killed in the middle of a hot-plug can leave a blockdev node in

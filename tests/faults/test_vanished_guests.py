@@ -28,7 +28,7 @@ def test_destroyed_transient_guest_releases_its_attachments(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
     # The periodic sweep is off: the lifecycle event alone must do it.
-    client = daemon_factory(**{"reconcile-interval": "0"}).client
+    client = daemon_factory(**{"reconcile.interval": "0"}).client
     device, own_device = loops.make(), loops.make()
     doomed, survivor = guests.make(), guests.make()
     shared_doomed, shared_survivor, alone = unique("att"), unique("att"), unique("att")
@@ -55,7 +55,7 @@ def test_destroyed_transient_guest_releases_its_attachments(
 def test_undefined_persistent_guest_releases_but_a_stopped_one_keeps(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
-    client = daemon_factory(**{"reconcile-interval": "0"}).client
+    client = daemon_factory(**{"reconcile.interval": "0"}).client
     device = loops.make()
     guest = guests.make(persistent=True)
     attachment_id = unique("att")
@@ -75,7 +75,7 @@ def test_undefined_persistent_guest_releases_but_a_stopped_one_keeps(
 def test_guest_destroyed_while_its_detach_waits(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
-    client = daemon_factory(**{"detach-timeout": "30", "reconcile-interval": "0"}).client
+    client = daemon_factory(**{"detach-timeout": "30", "reconcile.interval": "0"}).client
     guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(loops.make(), guest, volume_id="v", bus="virtio"))

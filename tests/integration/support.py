@@ -218,11 +218,21 @@ class Daemon:
     process: subprocess.Popen[bytes] | None = None
 
     def _args(self) -> list[str]:
-        args = [sys.executable, "-m", "hostagent.daemon", "--config-file", "/dev/null"]
+        """The command line; ``section.key`` options go to a config file instead."""
+        config_file = self.state_dir.parent / f"{self.state_dir.name}.conf"
+        sections: dict[str, list[str]] = {}
+        args = [sys.executable, "-m", "hostagent.daemon", "--config-file", str(config_file)]
         args += ["--state-dir", str(self.state_dir), "--socket-path", str(self.socket_path)]
         args += ["--libvirt-uri", LIBVIRT_URI]
         for key, value in self.options.items():
-            args += [f"--{key}", value]
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections.setdefault(section, []).append(f"{name} = {value}")
+            else:
+                args += [f"--{key}", value]
+        config_file.write_text(
+            "".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items())
+        )
         return args
 
     def run_once(self, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -27,9 +27,13 @@ def test_every_api_md_endpoint_is_documented() -> None:
         ("/v1/connections", "get"),
         ("/v1/health", "get"),
         ("/v1/reconcile", "post"),
+        ("/v1/connector", "get"),
+        ("/metrics", "get"),
     }
-    assert {(path, method) for path, ops in paths.items() for method in ops} == expected
-    assert len(ROUTES) == len(expected)
+    documented = {(path, method) for path, ops in paths.items() for method in ops}
+    assert expected <= documented, "API.md is fixed: every endpoint stays"
+    assert len(ROUTES) + 2 == len(documented), "ROUTES plus /metrics and the document itself"
     put = paths["/v1/attachments/{attachment_id}"]["put"]
-    assert set(put["responses"]) == {"200", "201", "400", "404", "409", "413", "502", "503"}
+    assert set(put["responses"]) == {"200", "201", "400", "403", "404", "409", "413", "502", "503"}
+    assert all("403" in op["responses"] for ops in paths.values() for op in ops.values())
     assert "volume_not_multiattach" in put["responses"]["409"]["description"]

@@ -1,0 +1,199 @@
+"""Operator views: an attachment as libvirt has it, and the doctor's findings.
+
+Read-only: the doctor compares the agent's records, every domain's live XML
+and persistent config, and the host's devices, and says what disagrees and
+which command looks into or fixes it. Fixing is reconcile's job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from hostagent.errors import AttachmentNotFound
+from hostagent.guests import DomainInfo
+from hostagent.libvirt_xml.disk import disk_fragment
+from hostagent.models import DoctorReport, Finding, LibvirtView
+from hostagent.references import (
+    DeviceReference,
+    DomainDisk,
+    references_in,
+    scan_domain_disks,
+)
+from hostagent.service import AttachmentService
+from hostagent.store import (
+    AttachmentRecord,
+    AttachmentState,
+    ConnectionRecord,
+    ConnectionState,
+)
+
+
+def virsh_commands(domain_name: str, alias: str, persistent: bool) -> list[str]:
+    """The virsh commands that show an attachment's disk next to the agent's view."""
+    xpath = f"//disk[alias/@name='{alias}']"
+    commands = [
+        f"virsh domblklist {domain_name} --details",
+        f'virsh dumpxml {domain_name} --xpath "{xpath}"',
+    ]
+    if persistent:
+        commands.append(f'virsh dumpxml {domain_name} --inactive --xpath "{xpath}"')
+    commands.append(
+        f'virsh qemu-monitor-command {domain_name} --pretty \'{{"execute": "query-block"}}\''
+    )
+    return commands
+
+
+def libvirt_view(service: AttachmentService, attachment_id: str) -> LibvirtView:
+    record = service.store.get_attachment(attachment_id)
+    if record is None:
+        raise AttachmentNotFound(f"no attachment {attachment_id}")
+    domain = service.guests.find(record.domain_uuid)
+    live = config = None
+    if domain is not None and domain.active:
+        live = disk_fragment(service.guests.domain_xml(domain.uuid), record.alias)
+    if domain is not None and domain.persistent:
+        config = disk_fragment(service.guests.domain_xml(domain.uuid, inactive=True), record.alias)
+    name = domain.name if domain else record.domain_name
+    return LibvirtView(
+        attachment_id=attachment_id,
+        domain_uuid=record.domain_uuid,
+        domain_name=name,
+        domain_exists=domain is not None,
+        active=bool(domain and domain.active),
+        persistent=bool(domain and domain.persistent),
+        live_disk_xml=live,
+        config_disk_xml=config,
+        virsh_commands=virsh_commands(name, record.alias, bool(domain and domain.persistent)),
+    )
+
+
+def _attachment_findings(
+    record: AttachmentRecord, domain: DomainInfo | None, disks: list[DomainDisk]
+) -> Iterator[Finding]:
+    subject = record.attachment_id
+    if record.state is not AttachmentState.ATTACHED:
+        verb = (
+            "hostagentctl reconcile"
+            if record.state is AttachmentState.ATTACHING
+            else (f"hostagentctl detach {subject}")
+        )
+        yield Finding(
+            kind="unfinished",
+            subject=subject,
+            detail=f"the attachment is {record.state.value}",
+            suggestion=verb,
+        )
+    if domain is None:
+        yield Finding(
+            kind="domain_gone",
+            subject=subject,
+            detail=f"domain {record.domain_name} ({record.domain_uuid}) no longer exists",
+            suggestion="hostagentctl reconcile",
+        )
+        return
+    held = {
+        dd.where for dd in disks if dd.domain.uuid == domain.uuid and dd.disk.alias == record.alias
+    }
+    expected = ({"live"} if domain.active else set()) | (
+        {"config"} if domain.persistent else set()
+    )
+    missing = sorted(expected - held)
+    if record.state is AttachmentState.ATTACHED and missing:
+        yield Finding(
+            kind="missing_disk",
+            subject=subject,
+            detail=f"{domain.name} has no {record.alias} in its {' and '.join(missing)} XML",
+            suggestion=f"hostagentctl detach {subject} (to release it), or attach the disk "
+            f"again with virsh attach-device (hostagentctl show {subject} prints its XML)",
+        )
+
+
+def _connection_findings(
+    connection: ConnectionRecord,
+    users: int,
+    boot_id: str,
+    references: list[DeviceReference],
+    ours: set[tuple[str, str]],
+) -> Iterator[Finding]:
+    key = connection.connection_key
+    if connection.state is not ConnectionState.CONNECTED:
+        yield Finding(
+            kind="connection_state",
+            subject=key,
+            detail=f"the connection is {connection.state.value}",
+            suggestion="hostagentctl reconcile",
+        )
+    if boot_id and connection.boot_id and connection.boot_id != boot_id:
+        yield Finding(
+            kind="stale_boot",
+            subject=key,
+            detail="connected in an earlier boot of this host",
+            suggestion="hostagentctl reconcile",
+        )
+    if connection.device_path and not os.path.exists(connection.device_path):
+        yield Finding(
+            kind="device_missing",
+            subject=key,
+            detail=f"{connection.device_path} does not exist on the host",
+            suggestion="hostagentctl reconcile (connects it again)",
+        )
+    if users == 0:
+        yield Finding(
+            kind="unused_connection",
+            subject=key,
+            detail="no attachment uses it",
+            suggestion="hostagentctl reconcile (disconnects it unless a domain or "
+            "process still uses the device)",
+        )
+    for ref in references:
+        if (ref.domain_uuid, ref.alias) not in ours:
+            yield Finding(
+                kind="foreign_disk",
+                subject=key,
+                detail=f"{ref.domain_name} ({ref.where}) uses {connection.device_path} as "
+                f"{ref.target_dev} without an attachment of the agent; the device stays "
+                "connected while it does",
+                suggestion=f"virsh domblklist {ref.domain_name} --details",
+            )
+
+
+def diagnose(service: AttachmentService) -> DoctorReport:
+    """Every disagreement between the records, libvirt's domains and the host."""
+    store = service.store
+    domains = {d.uuid: d for d in service.guests.list_domains()}
+    disks = scan_domain_disks(service.guests)
+    records = store.list_attachments()
+    connections = store.list_connections()
+    findings: list[Finding] = []
+    for record in records:
+        findings += _attachment_findings(record, domains.get(record.domain_uuid), disks)
+    ours = {(r.domain_uuid, r.alias) for r in records}
+    for dd in disks:
+        alias = dd.disk.alias or ""
+        if alias.startswith("ua-") and (dd.domain.uuid, alias) not in ours:
+            findings.append(
+                Finding(
+                    kind="unrecorded_disk",
+                    subject=dd.domain.name,
+                    detail=f"{dd.domain.name} holds {alias} ({dd.where}) but the agent has no "
+                    "record of it; it will not detach or disconnect it",
+                    suggestion="hostagentd --rebuild-state (service stopped), or virsh "
+                    f"detach-device-alias {dd.domain.name} {alias} --{dd.where}",
+                )
+            )
+    for connection in connections:
+        findings += _connection_findings(
+            connection,
+            store.refcount(connection.connection_key),
+            service.settings.boot_id,
+            references_in(disks, connection.device_path) if connection.device_path else [],
+            ours,
+        )
+    return DoctorReport(
+        ok=not findings,
+        findings=findings,
+        attachments=len(records),
+        connections=len(connections),
+        domains=len(domains),
+    )
