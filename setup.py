@@ -24,7 +24,12 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={
+        # journald output (oslo.log use_journal); builds against libsystemd-dev
+        "journal": ["systemd-python>=235"],
         "test": [
+            "systemd-python>=235",
+            "schemathesis>=4.0",
+            "requests>=2.31",
             "pytest>=7",
             "mypy>=1.8",
             "ruff>=0.4",
@@ -36,5 +41,6 @@ setup(
             "hostagentd = hostagent.daemon:main",
             "hostagentctl = hostagent.cli:main",
         ],
+        "oslo.config.opts": ["hostagent = hostagent.conf:list_opts"],
     },
 )

@@ -8,6 +8,7 @@ leaves as ``{"error": {"code", "message"}}``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import logging
@@ -22,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
-from hostagent import __version__
+from hostagent import __version__, logctx
 from hostagent.connector_props import connector_properties
 from hostagent.diagnostics import diagnose, libvirt_view
 from hostagent.errors import HostagentError, InvalidRequest
@@ -188,30 +189,38 @@ _HTTP_CODES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into the API's error body, and log each request once."""
+    """Give the request its log context, turn every failure into the API's error
+    body, and log each request once."""
     started = time.monotonic()
-    try:
-        response = await handler(request)
-    except HostagentError as exc:
-        response = error_response(exc.status, exc.code, exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        message = exc.text or exc.reason
-        if exc.status == 413:
-            message = f"request body larger than {MAX_BODY_BYTES} bytes"
-        response = error_response(exc.status, code, message)
-    except Exception:
-        LOG.exception("%s %s failed", request.method, request.path)
-        response = error_response(500, "internal_error", "internal error; see the daemon log")
-    LOG.info(
-        "%s %s -> %d (%.1f ms)",
-        request.method,
-        request.path,
-        response.status,
-        (time.monotonic() - started) * 1000,
-    )
+    attachment_id = request.match_info.get("attachment_id")
+    if attachment_id is not None and not _ID.fullmatch(attachment_id):
+        attachment_id = None  # refused below; keep the bad text out of the log context
+    with logctx.request_context(attachment_id=attachment_id) as ctx:
+        try:
+            response = await handler(request)
+        except HostagentError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, "http_error")
+            message = exc.text or exc.reason
+            if exc.status == 413:
+                message = f"request body larger than {MAX_BODY_BYTES} bytes"
+            response = error_response(exc.status, code, message)
+            if "Allow" in exc.headers:  # a 405 says what is allowed (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
+        except Exception:
+            LOG.exception("%s %s failed", request.method, request.path)
+            response = error_response(500, "internal_error", "internal error; see the daemon log")
+        response.headers["X-Request-Id"] = ctx.request_id
+        LOG.info(
+            "%s %s -> %d (%.1f ms)",
+            request.method,
+            request.path,
+            response.status,
+            (time.monotonic() - started) * 1000,
+        )
     return response
 
 
@@ -237,8 +246,10 @@ class ApiHandlers:
         self.openapi = openapi
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work in the pool, in this request's log context."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+        work = functools.partial(fn, *args)
+        return await loop.run_in_executor(self.executor, contextvars.copy_context().run, work)
 
     @staticmethod
     def _attachment_id(request: web.Request) -> str:
@@ -270,6 +281,7 @@ class ApiHandlers:
     async def put_attachment(self, request: web.Request) -> web.Response:
         attachment_id = self._attachment_id(request)
         body = await self._body(request, AttachRequest)
+        logctx.note(volume_id=body.volume_id)
         try:
             attachment, created = await self._run(self.service.attach, attachment_id, body)
         except HostagentError as exc:

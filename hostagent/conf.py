@@ -12,8 +12,10 @@ import socket
 from collections.abc import Sequence
 
 from oslo_config import cfg, types
+from oslo_log import log
 
 from hostagent import __version__
+from hostagent.logctx import CONTEXT_FORMAT, DEFAULT_FORMAT
 
 DEFAULT_OPTS = [
     cfg.StrOpt(
@@ -40,7 +42,6 @@ DEFAULT_OPTS = [
         help="Where this host's boot id is read (recorded with every connection; a new "
         "one at start means the host rebooted).",
     ),
-    cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
 ]
 
 CLI_ONLY_OPTS = [
@@ -119,6 +120,14 @@ CONNECTOR_OPTS: list[cfg.Opt] = [
     ),
 ]
 
+NOISY_LIBRARIES = [
+    "os_brick=WARNING",
+    "oslo_concurrency=WARNING",
+    "oslo_privsep=WARNING",
+    "aiohttp=WARNING",
+    "urllib3=WARNING",
+]
+
 GROUPS: dict[str, list[cfg.Opt]] = {
     "api": API_OPTS,
     "libvirt": LIBVIRT_OPTS,
@@ -128,8 +137,18 @@ GROUPS: dict[str, list[cfg.Opt]] = {
 
 
 def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
-    """Parse ``argv`` and the config files into a fresh ConfigOpts."""
+    """Parse ``argv`` and the config files into a fresh ConfigOpts.
+
+    oslo.log's options (``--debug``, ``--log-file``, ``--use-journal``,
+    ``[DEFAULT] use_stderr``, the format strings, ...) come with it; by default
+    hostagentd logs to stderr, which systemd puts in the journal.
+    """
     conf = cfg.ConfigOpts()
+    log.register_options(conf)
+    conf.set_default("use_stderr", True)
+    conf.set_default("logging_context_format_string", CONTEXT_FORMAT)
+    conf.set_default("logging_default_format_string", DEFAULT_FORMAT)
+    conf.set_default("default_log_levels", NOISY_LIBRARIES)
     conf.register_cli_opts(DEFAULT_OPTS)
     conf.register_cli_opts(CLI_ONLY_OPTS)
     for group, opts in GROUPS.items():

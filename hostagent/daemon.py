@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 from os_brick import privileged as os_brick_privileged
 from oslo_config import cfg
+from oslo_log import log
 
 from hostagent import connectors
 from hostagent.api import ApiHandlers, make_app
@@ -24,13 +25,14 @@ from hostagent.conf import load_config
 from hostagent.errors import HostagentError
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
+from hostagent.logctx import install_filters
 from hostagent.openapi import build_openapi
 from hostagent.peer_auth import PeerPolicy
 from hostagent.rebuild import rebuild_state, unrecorded_disks
 from hostagent.reconcile import Reconciler, VanishedDomains
 from hostagent.service import AttachmentService, ServiceSettings
 from hostagent.store import Store, StoreError
-from hostagent.systemd import notify
+from hostagent.systemd import inherited_socket, notify, watchdog_interval
 
 LOG = logging.getLogger("hostagent")
 
@@ -137,6 +139,12 @@ def run_reconcile(reconciler: Reconciler, why: str) -> None:
         LOG.info("%s reconcile: %d actions", why, len(report.actions))
 
 
+def _watchdog(loop: asyncio.AbstractEventLoop, interval: float) -> None:
+    """Ping systemd from the event loop itself: a stuck loop stops the pings."""
+    notify("WATCHDOG=1")
+    loop.call_later(interval, _watchdog, loop, interval)
+
+
 async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and finish in-flight requests."""
     runner = web.AppRunner(
@@ -151,6 +159,9 @@ async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: flo
         loop.add_signal_handler(signum, stop.set)
     LOG.info("serving on %s", sock.getsockname())
     notify("READY=1", f"STATUS=serving on {sock.getsockname()}")
+    interval = watchdog_interval()
+    if interval:
+        _watchdog(loop, interval)
     await stop.wait()
     LOG.info("stopping: no new connections; finishing requests in flight")
     notify("STOPPING=1")
@@ -161,14 +172,11 @@ def _already_stopping(signum: int, frame: object) -> None:
     LOG.info("signal %d: already stopping", signum)
 
 
-def setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("os_brick", "oslo_concurrency", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def setup_logging(conf: cfg.ConfigOpts) -> None:
+    """oslo.log as configured (stderr by default, journald with use_journal), every
+    line carrying its request, attachment and volume, secrets masked."""
+    log.setup(conf, "hostagent")
+    install_filters()
 
 
 def prepare_os_brick() -> None:
@@ -218,8 +226,9 @@ def run(conf: cfg.ConfigOpts) -> int:
             connector_my_ip=conf.connector.my_ip,
         )
         app = make_app(handlers, policy)
+        inherited = inherited_socket()
         socket_path = Path(conf.socket_path).absolute()
-        sock = bind_unix_socket(socket_path)
+        sock = inherited or bind_unix_socket(socket_path)
         periodic.start()
         vanished.start()
         try:
@@ -234,15 +243,16 @@ def run(conf: cfg.ConfigOpts) -> int:
             executor.shutdown(wait=True)
             guests.stop()
             store.close()
-            with contextlib.suppress(FileNotFoundError):
-                socket_path.unlink()
+            if inherited is None:  # a socket systemd passed is systemd's to remove
+                with contextlib.suppress(FileNotFoundError):
+                    socket_path.unlink()
     LOG.info("stopped cleanly")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     conf = load_config(sys.argv[1:] if argv is None else argv)
-    setup_logging(conf.debug)
+    setup_logging(conf)
     try:
         return run(conf)
     except (StoreError, StateDirBusy, RuntimeError, OSError) as exc:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hostagent import logctx
 from hostagent.errors import HostagentError
 from hostagent.models import ReconcileAction, ReconcileReport
 from hostagent.references import references_in, scan_domain_disks
@@ -68,10 +69,14 @@ class Reconciler:
     def attachment(self, attachment_id: str) -> list[ReconcileAction]:
         """Finish, roll back or release one attachment against its domain now."""
         service = self.service
-        with service.locks.attachment(attachment_id):
+        with (
+            logctx.request_context(attachment_id=attachment_id),
+            service.locks.attachment(attachment_id),
+        ):
             record = service.store.get_attachment(attachment_id)
             if record is None:
                 return []
+            logctx.note(volume_id=record.volume_id)
             domain = service.guests.find(record.domain_uuid)
             try:
                 if domain is None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hostagent import connectors, failpoints
+from hostagent import connectors, failpoints, logctx
 from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentConflict,
@@ -272,6 +272,8 @@ class AttachmentService:
     def detach(self, attachment_id: str) -> DetachResult:
         with self.locks.attachment(attachment_id):
             record = self.store.get_attachment(attachment_id)
+            if record is not None:
+                logctx.note(volume_id=record.volume_id)
             if record is None:
                 tombstone = self.store.get_tombstone(attachment_id)
                 if tombstone is None:

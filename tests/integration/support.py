@@ -229,7 +229,7 @@ class Daemon:
                 section, name = key.split(".", 1)
                 sections.setdefault(section, []).append(f"{name} = {value}")
             else:
-                args += [f"--{key}", value]
+                args += [f"--{key}"] + ([value] if value else [])  # "" is a bare flag
         config_file.write_text(
             "".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items())
         )

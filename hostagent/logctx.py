@@ -1,0 +1,111 @@
+"""Log lines that say which request, attachment and volume they belong to.
+
+The current request lives in a ContextVar (asyncio tasks and the worker
+threads that API handlers hand work to each see their own); a logging filter
+puts it on every record, where oslo.log's formatter and journald handler
+pick up ``request_id``, ``attachment_id`` and ``volume_id``. A second filter
+masks anything that looks like a password, key or secret in every line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from oslo_context import context as oslo_context
+from oslo_utils import strutils
+
+CONTEXT_FORMAT = (
+    "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s "
+    "[%(request_id)s att=%(attachment_id)s vol=%(volume_id)s] %(message)s"
+)
+DEFAULT_FORMAT = "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s [-] %(message)s"
+JOURNAL_FIELDS = ("attachment_id", "volume_id")
+
+
+class RequestContext(oslo_context.RequestContext):
+    """oslo.context's request context plus the attachment and volume at hand."""
+
+    def __init__(
+        self, *, attachment_id: str | None = None, volume_id: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(overwrite=False, **kwargs)
+        self.attachment_id = attachment_id
+        self.volume_id = volume_id
+
+    def update_store(self) -> None:
+        """Never use oslo.context's thread-local: in asyncio and a thread pool it
+        would tag later lines with a request that is over; a ContextVar holds it."""
+
+    def get_logging_values(self) -> dict[str, Any]:
+        values: dict[str, Any] = super().get_logging_values()
+        values["attachment_id"] = self.attachment_id or "-"
+        values["volume_id"] = self.volume_id or "-"
+        return values
+
+
+_CURRENT: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "hostagent_request", default=None
+)
+
+
+@contextlib.contextmanager
+def request_context(
+    *, attachment_id: str | None = None, volume_id: str | None = None
+) -> Iterator[RequestContext]:
+    """Make a new request context current for the block (and what it hands to threads)."""
+    ctx = RequestContext(attachment_id=attachment_id, volume_id=volume_id)
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def current() -> RequestContext | None:
+    return _CURRENT.get()
+
+
+def note(*, attachment_id: str | None = None, volume_id: str | None = None) -> None:
+    """Fill in what a request learns as it goes (the volume of a DELETE, say)."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        return
+    if attachment_id is not None:
+        ctx.attachment_id = attachment_id
+    if volume_id is not None:
+        ctx.volume_id = volume_id
+
+
+class ContextFilter(logging.Filter):
+    """Puts the current request context on each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = _CURRENT.get()
+        if ctx is not None and "context" not in record.__dict__:
+            record.context = ctx
+        return True
+
+
+class SecretFilter(logging.Filter):
+    """Masks passwords, keys and secrets in every line, whoever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = strutils.mask_password(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def install_filters(logger: logging.Logger | None = None) -> None:
+    """Add both filters to every handler of ``logger`` (the root logger by default)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        handler.addFilter(ContextFilter())
+        handler.addFilter(SecretFilter())
+        fields = getattr(handler, "custom_fields", None)
+        if isinstance(fields, tuple) and JOURNAL_FIELDS[0] not in fields:
+            handler.custom_fields = fields + JOURNAL_FIELDS  # type: ignore[attr-defined]
