@@ -35,6 +35,18 @@ from hostagent.store import (
 LOG = logging.getLogger(__name__)
 
 
+def detach_body(record: AttachmentRecord, users_left: int, *, released: bool) -> dict[str, object]:
+    """The DELETE answer (and tombstone) for ``record``; ``released``: this detach
+    let go of the host connection, so the caller may terminate the export."""
+    return DetachResult(
+        attachment_id=record.attachment_id,
+        connection_key=record.connection_key,
+        host_refcount=users_left,
+        host_disconnected=released,
+        terminate_connection=released,
+    ).model_dump()
+
+
 class HostConnections:
     """The per-host connections behind attachments, and their refcounts."""
 
@@ -185,24 +197,12 @@ class HostConnections:
         key = record.connection_key
 
         def shared(users_left: int) -> dict[str, object]:
-            return DetachResult(
-                attachment_id=record.attachment_id,
-                connection_key=key,
-                host_refcount=users_left,
-                host_disconnected=False,
-                terminate_connection=False,
-            ).model_dump()
+            return detach_body(record, users_left, released=False)
 
         body = self.store.release_if_shared(record, shared)
         if body is None:
             with self.locks.connection(key):
-                body = DetachResult(
-                    attachment_id=record.attachment_id,
-                    connection_key=key,
-                    host_refcount=0,
-                    host_disconnected=True,
-                    terminate_connection=True,
-                ).model_dump()
+                body = detach_body(record, 0, released=True)
                 self.store.finish_detach(record, body, drop_connection=True)
         return DetachResult.model_validate(body)
 
@@ -230,13 +230,7 @@ class HostConnections:
         key = record.connection_key
 
         def shared(users_left: int) -> dict[str, object]:
-            return DetachResult(
-                attachment_id=record.attachment_id,
-                connection_key=key,
-                host_refcount=users_left,
-                host_disconnected=False,
-                terminate_connection=False,
-            ).model_dump()
+            return detach_body(record, users_left, released=False)
 
         body = self.store.release_if_shared(record, shared)
         if body is None:
@@ -271,13 +265,7 @@ class HostConnections:
         failpoints.hit("detach.after_mark_disconnecting")
         self._disconnect(connection)
         failpoints.hit("detach.after_disconnect")
-        body = DetachResult(
-            attachment_id=record.attachment_id,
-            connection_key=key,
-            host_refcount=0,
-            host_disconnected=True,
-            terminate_connection=True,
-        ).model_dump()
+        body = detach_body(record, 0, released=True)
         self.store.finish_detach(record, body, drop_connection=True)
         return body
 
