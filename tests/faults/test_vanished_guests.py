@@ -119,3 +119,30 @@ def test_guest_gone_while_the_daemon_was_down_is_released_at_start(
     assert client.connections().connections == []
     assert client.detach(attachment_id).terminate_connection is True
     assert "released" in daemon.log()
+
+
+def test_periodic_reconcile_is_the_safety_net(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    """No event tells the agent that a hand-added disk went away: the periodic
+    sweep notices and releases the connection it was keeping for it."""
+    daemon = daemon_factory(**{"reconcile.interval": "1"})
+    client = daemon.client
+    device = loops.make()
+    ours, theirs = guests.make(), guests.make()
+    attachment_id = unique("att")
+    client.attach(attachment_id, local_request(device, ours, volume_id="v", multiattach=True))
+    theirs.attach_raw(
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        f"<source dev='{device}'/><target dev='sdz' bus='scsi'/><shareable/>"
+        "<address type='drive' controller='0' bus='0' target='0' unit='9'/></disk>"
+    )
+    assert client.detach(attachment_id).host_disconnected is False
+    assert client.connections().connections, "kept for the hand-added disk"
+    theirs.dom.detachDeviceFlags(
+        f"<disk type='block' device='disk'><source dev='{device}'/>"
+        "<target dev='sdz' bus='scsi'/></disk>",
+        1,
+    )
+    wait_for(lambda: client.connections().connections == [], 15, "the periodic sweep")
+    assert "periodic reconcile: 1 actions" in daemon.log()
