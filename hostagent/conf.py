@@ -106,6 +106,15 @@ RECONCILE_OPTS: list[cfg.Opt] = [
     ),
 ]
 
+ISCSI_OPTS: list[cfg.Opt] = [
+    cfg.BoolOpt(
+        "use_multipath",
+        default=False,
+        help="Log in to every portal of a multipath target (target_portals) and use the "
+        "multipath device; needs multipathd.",
+    ),
+]
+
 CONNECTOR_OPTS: list[cfg.Opt] = [
     cfg.StrOpt(
         "host",
@@ -133,6 +142,7 @@ GROUPS: dict[str, list[cfg.Opt]] = {
     "libvirt": LIBVIRT_OPTS,
     "reconcile": RECONCILE_OPTS,
     "connector": CONNECTOR_OPTS,
+    "iscsi": ISCSI_OPTS,
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 from os_brick import privileged as os_brick_privileged
+from oslo_concurrency import lockutils
 from oslo_config import cfg
 from oslo_log import log
 
@@ -179,8 +180,10 @@ def setup_logging(conf: cfg.ConfigOpts) -> None:
     install_filters()
 
 
-def prepare_os_brick() -> None:
-    """A daemon running as root runs os-brick's privileged calls in-process."""
+def prepare_os_brick(lock_dir: Path) -> None:
+    """os-brick's own external locks (connect_volume, shared targets) live in our
+    lock dir; a daemon running as root runs its privileged calls in-process."""
+    lockutils.set_defaults(lock_path=str(lock_dir))
     if os.geteuid() == 0:
         os_brick_privileged.default.set_client_mode(False)
 
@@ -188,7 +191,7 @@ def prepare_os_brick() -> None:
 def run(conf: cfg.ConfigOpts) -> int:
     state_dir = Path(conf.state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    prepare_os_brick()
+    prepare_os_brick(state_dir / "locks")
     with state_dir_guard(state_dir):
         state_is_new = not (state_dir / STATE_FILE).exists()
         store = Store(state_dir / STATE_FILE)
@@ -196,7 +199,9 @@ def run(conf: cfg.ConfigOpts) -> int:
         service = AttachmentService(
             store=store,
             guests=guests,
-            registry=connectors.ConnectorRegistry.default(),
+            registry=connectors.ConnectorRegistry.default(
+                connectors.ConnectorSettings(iscsi_use_multipath=conf.iscsi.use_multipath)
+            ),
             locks=HostLocks(state_dir / "locks"),
             settings=ServiceSettings(
                 detach_timeout=conf.detach_timeout,

@@ -12,9 +12,10 @@ or a process holds it open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
 from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
@@ -101,7 +102,7 @@ class HostConnections:
             connection = self.store.get_connection(key)
         if connection is not None and connection.state is ConnectionState.CONNECTED:
             return False
-        with self.locks.connection(key):
+        with self.exclusive(key, target):
             if new:
                 self.store.begin_attach(
                     record, self._connection_intent(target), while_releasing=True
@@ -146,7 +147,7 @@ class HostConnections:
         """Drop a record whose disk is not on its domain (no tombstone: the id
         may be used again) and, if allowed, the connection nobody else uses."""
         key = record.connection_key
-        with self.locks.connection(key):
+        with self.exclusive(key):
             self.store.forget_attachment(record.attachment_id)
             if not may_disconnect or self.store.refcount(key) > 0:
                 return
@@ -154,6 +155,21 @@ class HostConnections:
             if connection is None or self._still_referenced(record, connection):
                 return
             self.disconnect_unused(connection)
+
+    @contextlib.contextmanager
+    def exclusive(self, key: str, target: Target | None = None) -> Iterator[None]:
+        """The connection's lock, inside os-brick's guard when the target shares
+        its iSCSI target with other volumes (the nesting nova uses)."""
+        if target is None:
+            connection = self.store.get_connection(key)
+            target = self.target_of(connection)[0] if connection is not None else None
+        guard = (
+            self.registry.get(target.driver_volume_type).guard(target)
+            if target is not None
+            else contextlib.nullcontext()
+        )
+        with guard, self.locks.connection(key):
+            yield
 
     @staticmethod
     def target_of(connection: ConnectionRecord) -> tuple[Target, HostDevice]:
@@ -201,7 +217,7 @@ class HostConnections:
 
         body = self.store.release_if_shared(record, shared)
         if body is None:
-            with self.locks.connection(key):
+            with self.exclusive(key):
                 body = detach_body(record, 0, released=True)
                 self.store.finish_detach(record, body, drop_connection=True)
         return DetachResult.model_validate(body)
@@ -234,7 +250,7 @@ class HostConnections:
 
         body = self.store.release_if_shared(record, shared)
         if body is None:
-            with self.locks.connection(key):
+            with self.exclusive(key):
                 body = self._release_last(record, shared)
         result = DetachResult.model_validate(body)
         LOG.info(

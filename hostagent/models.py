@@ -34,6 +34,12 @@ class ConnectionInfo(BaseModel):
         min_length=1, max_length=32, description="local | iscsi | rbd (more may follow)"
     )
     data: dict[str, Any] = Field(description="protocol-specific target description")
+    shared_targets: bool | None = Field(
+        default=None,
+        description="Cinder's tri-state shared_targets (with service_uuid): connect and "
+        "disconnect then hold os-brick's guard for the backend",
+    )
+    service_uuid: str | None = Field(default=None, max_length=64)
 
 
 class AttachRequest(BaseModel):

@@ -152,7 +152,7 @@ class Reconciler:
                         f"terminate_connection={str(result.terminate_connection).lower()}",
                     )
                 )
-        with service.locks.connection(key):
+        with service.connections.exclusive(key):
             current_connection = service.store.get_connection(key)
             if current_connection is None or service.store.refcount(key) == 0:
                 return actions
@@ -179,7 +179,7 @@ class Reconciler:
 
     def _connection(self, connection_key: str) -> list[ReconcileAction]:
         service = self.service
-        with service.locks.connection(connection_key):
+        with service.connections.exclusive(connection_key):
             connection = service.store.get_connection(connection_key)
             if connection is None:
                 return []

@@ -60,13 +60,19 @@ def default_unit(target_dev: str) -> int:
 
 
 def offline_device_path(target: Target) -> str:
-    """Where the device will be on this host, without connecting (local only for now)."""
+    """Where the device will be on this host, without connecting: the local path,
+    or the udev by-path link of a single-path iSCSI LUN."""
     path = target.properties.get("device_path")
-    if not isinstance(path, str):
-        raise OfflineRenderError(
-            f"offline rendering does not support {target.driver_volume_type} yet"
-        )
-    return path
+    if isinstance(path, str):
+        return path
+    paths = target.connection_key.removeprefix("iscsi:").split(",")
+    if target.driver_volume_type == "iscsi" and len(paths) == 1:
+        portal, iqn, lun = paths[0].split("/")
+        return f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}"
+    raise OfflineRenderError(
+        f"offline rendering cannot know the device of this {target.driver_volume_type} "
+        "target (multipath devices are named when they appear)"
+    )
 
 
 def render_disk_xml(

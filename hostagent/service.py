@@ -132,9 +132,13 @@ class AttachmentService:
             raise InvalidRequest("encrypted volumes are not supported by hostagent")
         if info.data.get("access_mode") == "ro" and request.mode == "rw":
             raise InvalidRequest("the volume is read-only (access_mode ro); request mode 'ro'")
+        data = dict(info.data)
+        for shared in ("shared_targets", "service_uuid"):
+            if shared in info.model_fields_set:
+                data.setdefault(shared, getattr(info, shared))
         try:
             connector = self.registry.get(info.driver_volume_type)
-            target = connector.parse_target(info.data)
+            target = connector.parse_target(data)
             validate_disk_rules(request, target)
         except (InvalidTarget, DiskPolicyError) as exc:
             raise InvalidRequest(str(exc)) from None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from hostagent.connectors.base import (
     Connector,
@@ -11,11 +12,21 @@ from hostagent.connectors.base import (
     InvalidTarget,
     Target,
 )
+from hostagent.connectors.iscsi import ISCSIConnector
 from hostagent.connectors.local import LocalConnector
 
-CONNECTOR_CLASSES: Mapping[str, Callable[[], Connector]] = {
+# The protocols this agent serves, by driver_volume_type: real classes, no strings.
+CONNECTOR_CLASSES: Mapping[str, type[Connector]] = {
     LocalConnector.driver_volume_type: LocalConnector,
+    ISCSIConnector.driver_volume_type: ISCSIConnector,
 }
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """What the config says about protocols."""
+
+    iscsi_use_multipath: bool = False
 
 
 class ConnectorRegistry:
@@ -25,8 +36,16 @@ class ConnectorRegistry:
         self._connectors = dict(connectors)
 
     @classmethod
-    def default(cls) -> ConnectorRegistry:
-        return cls({name: make() for name, make in CONNECTOR_CLASSES.items()})
+    def default(cls, settings: ConnectorSettings | None = None) -> ConnectorRegistry:
+        settings = settings or ConnectorSettings()
+        return cls(
+            {
+                LocalConnector.driver_volume_type: LocalConnector(),
+                ISCSIConnector.driver_volume_type: ISCSIConnector(
+                    use_multipath=settings.iscsi_use_multipath
+                ),
+            }
+        )
 
     def names(self) -> list[str]:
         return sorted(self._connectors)
@@ -46,6 +65,7 @@ __all__ = [
     "Connector",
     "ConnectorError",
     "ConnectorRegistry",
+    "ConnectorSettings",
     "HostDevice",
     "InvalidTarget",
     "Target",

@@ -9,6 +9,7 @@ host and disconnects it. It knows nothing of libvirt: ``service`` maps a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -49,6 +50,11 @@ class Connector(Protocol):
         """Validate ``connection_info['data']``; raise InvalidTarget, touch nothing."""
         ...
 
+    def guard(self, target: Target) -> AbstractContextManager[None]:
+        """A lock to hold around connect and disconnect beyond the agent's own
+        (os-brick's guard for shared iSCSI targets); a no-op for most."""
+        ...
+
     def connect(self, target: Target) -> HostDevice:
         """Make the host connection (idempotent); raise ConnectorError."""
         ...
@@ -56,3 +62,15 @@ class Connector(Protocol):
     def disconnect(self, target: Target, device: HostDevice) -> None:
         """Release the host connection; raise ConnectorError if it could not."""
         ...
+
+
+_SECRET_FIELD = ("password", "secret", "key", "keyring", "token")
+
+
+def scrub(message: str, properties: Mapping[str, Any]) -> str:
+    """``message`` with every secret value of ``properties`` blanked out, so an
+    error from a tool that echoed its command line cannot carry one."""
+    for name, value in properties.items():
+        if isinstance(value, str) and len(value) >= 4 and any(f in name for f in _SECRET_FIELD):
+            message = message.replace(value, "***")
+    return message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Mapping
@@ -56,6 +57,9 @@ class LocalConnector:
             properties={"device_path": real},
             disk_format=disk_format,
         )
+
+    def guard(self, target: Target) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def connect(self, target: Target) -> HostDevice:
         try:

@@ -148,3 +148,35 @@ def test_bad_requests_are_refused_and_change_nothing(
 
     assert snapshot(daemon, guest) == before
     shm_file.unlink()
+
+
+def test_iscsi_login_failure_is_502_leaves_nothing_and_hides_chap(
+    daemon: Daemon, guests: Guests
+) -> None:
+    """This host has no iSCSI initiator: os-brick's real connect fails, and the
+    agent must answer connect_failed, keep nothing, and not echo the password."""
+    guest = guests.make()
+    password = "Chap-Pa55-Never-Shown"
+    body = {
+        "volume_id": "vol-iscsi",
+        "domain": guest.name,
+        "multiattach": True,
+        "connection_info": {
+            "driver_volume_type": "iscsi",
+            "data": {
+                "target_portal": "127.0.0.1:3260",
+                "target_iqn": "iqn.2026-11.test.hostagent:nowhere",
+                "target_lun": 0,
+                "auth_method": "CHAP",
+                "auth_username": "user",
+                "auth_password": password,
+            },
+        },
+    }
+    before = snapshot(daemon, guest)
+    with pytest.raises(ApiError) as failed:
+        daemon.client.attach(unique("att"), body)
+    assert (failed.value.status, failed.value.code) == (502, "connect_failed")
+    assert password not in failed.value.message
+    assert password not in daemon.log()
+    assert snapshot(daemon, guest) == before

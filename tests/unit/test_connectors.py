@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hostagent.connectors import CONNECTOR_CLASSES, ConnectorRegistry, InvalidTarget
+from hostagent.connectors.iscsi import ISCSIConnector
 from hostagent.connectors.local import LocalConnector
 
 
@@ -22,10 +23,12 @@ def dev_link() -> Iterator[Path]:
 
 
 def test_registry_holds_real_classes_and_names_unknown_protocols() -> None:
-    assert {"local": LocalConnector} == CONNECTOR_CLASSES
+    assert {"local": LocalConnector, "iscsi": ISCSIConnector} == CONNECTOR_CLASSES
     registry = ConnectorRegistry.default()
     assert isinstance(registry.get("local"), LocalConnector)
-    with pytest.raises(InvalidTarget, match=r"unknown driver_volume_type 'nfs'.*local"):
+    with pytest.raises(
+        InvalidTarget, match=r"unknown driver_volume_type 'nfs'; this host serves iscsi, local"
+    ):
         registry.get("nfs")
 
 

@@ -34,7 +34,7 @@ RBD = NetworkSource(
     name="volumes/volume-1",
     hosts=(SourceHost("10.0.0.1", "6789"), SourceHost("10.0.0.2", "6789")),
     auth_username="cinder",
-    secret_type="ceph",  # noqa: S106 -- a libvirt secret *type*, not a password
+    secret_type="ceph",
     secret_uuid=KEYRING_UUID,
 )
 

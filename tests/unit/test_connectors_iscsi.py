@@ -1,0 +1,162 @@
+"""connectors/iscsi.py: canonical keys, validation, what reaches os-brick.
+
+os-brick's ISCSIConnector needs an iSCSI-capable kernel, which this machine
+lacks, so these tests put a recording fake at that boundary; the real path
+runs in the storage lab VM (tests/lab).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from oslo_concurrency import lockutils
+
+from hostagent.connectors import ConnectorError, InvalidTarget
+from hostagent.connectors.base import HostDevice
+from hostagent.connectors.iscsi import ISCSIConnector, canonical_portal
+
+IQN = "iqn.2010-10.org.openstack:volume-1"
+PASSWORD = "Sup3r-Secret-CHAP"
+
+
+class RecordingBrickISCSI:
+    """Stands in for os_brick's ISCSIConnector and records every call."""
+
+    def __init__(self, fail_with: Exception | None = None) -> None:
+        self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        self.fail_with = fail_with
+
+    def connect_volume(self, properties: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("connect", properties, {}))
+        if self.fail_with:
+            raise self.fail_with
+        return {
+            "type": "block",
+            "path": "/dev/disk/by-path/ip-x-iscsi-y-lun-1",
+            "scsi_wwn": "360014051",
+        }
+
+    def disconnect_volume(
+        self, properties: dict[str, Any], device_info: dict[str, Any], force: bool = False
+    ) -> None:
+        self.calls.append(("disconnect", properties, {**device_info, "force": force}))
+        if self.fail_with:
+            raise self.fail_with
+
+
+def single(**extra: Any) -> dict[str, Any]:
+    return {"target_portal": "192.0.2.5:3260", "target_iqn": IQN, "target_lun": 1, **extra}
+
+
+def test_portals_are_canonical() -> None:
+    assert canonical_portal("192.0.2.5") == "192.0.2.5:3260"
+    assert canonical_portal("Storage.Example:3261") == "storage.example:3261"
+    assert canonical_portal("[2001:DB8::0:5]:3260") == "[2001:db8::5]:3260"
+    assert canonical_portal("[2001:db8::5]") == "[2001:db8::5]:3260"
+    for bad in ("", "a b:3260", "192.0.2.5:0", "192.0.2.5:70000", "[not-v6]:3260", 5):
+        with pytest.raises(InvalidTarget):
+            canonical_portal(bad)
+
+
+def test_the_same_lun_gives_the_same_key_however_it_is_written() -> None:
+    connector = ISCSIConnector(use_multipath=True, brick=RecordingBrickISCSI())
+    plural = {
+        "target_portals": ["192.0.2.6:3260", "192.0.2.5"],
+        "target_iqns": [IQN, IQN],
+        "target_luns": [1, 1],
+    }
+    reordered = {
+        "target_portals": ["192.0.2.5:3260", "192.0.2.6"],
+        "target_iqns": [IQN, IQN],
+        "target_luns": [1, 1],
+    }
+    assert (
+        connector.parse_target(plural).connection_key
+        == connector.parse_target(reordered).connection_key
+    )
+    one = {"target_portals": ["192.0.2.5"], "target_iqns": [IQN], "target_luns": [1]}
+    assert (
+        connector.parse_target(one).connection_key
+        == connector.parse_target(single()).connection_key
+        == f"iscsi:192.0.2.5:3260/{IQN}/1"
+    )
+    assert connector.parse_target(single(target_lun=2)).connection_key.endswith("/2")
+
+    # Without multipath, a connection_info with both forms is its single path.
+    no_multipath = ISCSIConnector(brick=RecordingBrickISCSI())
+    both = {**single(), **plural}
+    assert no_multipath.parse_target(both).connection_key == f"iscsi:192.0.2.5:3260/{IQN}/1"
+    assert connector.parse_target(both).connection_key.count("/") == 4
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "lacks target_portal, target_iqn, target_lun"),
+        (single(target_iqn="volume-1"), "not an iSCSI qualified name"),
+        (single(target_lun=-1), "LUN -1"),
+        (single(target_lun=True), "LUN True"),
+        (single(target_lun="1"), "LUN '1'"),
+        (
+            {"target_portals": ["192.0.2.5"], "target_iqns": [IQN], "target_luns": [1, 2]},
+            "differ in length",
+        ),
+        ({"target_portals": [], "target_iqns": [], "target_luns": []}, "non-empty lists"),
+        (single(auth_method="kerberos"), "only CHAP"),
+        (single(auth_method="CHAP", auth_username="u"), "auth_password"),
+        (single(format=3), "format"),
+    ],
+)
+def test_bad_targets_are_refused(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidTarget, match=message):
+        ISCSIConnector(brick=RecordingBrickISCSI()).parse_target(data)
+
+
+def test_chap_reaches_os_brick_but_no_error_message() -> None:
+    chap = single(auth_method="CHAP", auth_username="user", auth_password=PASSWORD)
+    brick = RecordingBrickISCSI()
+    connector = ISCSIConnector(brick=brick)
+    target = connector.parse_target(chap)
+    assert PASSWORD not in repr(target), "Target's repr hides the properties"
+    device = connector.connect(target)
+    assert device == HostDevice(
+        path="/dev/disk/by-path/ip-x-iscsi-y-lun-1",
+        device_info={
+            "type": "block",
+            "path": "/dev/disk/by-path/ip-x-iscsi-y-lun-1",
+            "scsi_wwn": "360014051",
+        },
+    )
+    connector.disconnect(target, device)
+    (_, connected_with, _), (_, disconnected_with, info) = brick.calls
+    assert connected_with["auth_password"] == PASSWORD == disconnected_with["auth_password"]
+    assert info["scsi_wwn"] == "360014051", "disconnect gets back what connect returned"
+    assert info["force"] is False, "a failed flush must fail the detach, never lose data"
+
+    failing = ISCSIConnector(
+        brick=RecordingBrickISCSI(RuntimeError(f"iscsiadm -v {PASSWORD} exited 24"))
+    )
+    with pytest.raises(ConnectorError) as login:
+        failing.connect(failing.parse_target(chap))
+    with pytest.raises(ConnectorError) as logout:
+        failing.disconnect(failing.parse_target(chap), device)
+    for error in (login.value, logout.value):
+        assert PASSWORD not in str(error) and "***" in str(error)
+
+
+def test_shared_targets_take_os_bricks_lock(tmp_path: Path) -> None:
+    lockutils.set_defaults(lock_path=str(tmp_path))
+    connector = ISCSIConnector(brick=RecordingBrickISCSI())
+    # Cinder's tri-state: None means always lock (keyed by the backend's service uuid).
+    always = connector.parse_target(single(shared_targets=None, service_uuid="svc-1"))
+    with connector.guard(always):
+        assert (tmp_path / "os-brick-svc-1").exists()
+    never = connector.parse_target(single(shared_targets=False, service_uuid="svc-2"))
+    with connector.guard(never):
+        pass
+    plain = connector.parse_target(single())
+    with connector.guard(plain):
+        pass
+    assert not (tmp_path / "os-brick-svc-2").exists()
