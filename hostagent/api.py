@@ -236,10 +236,14 @@ class ApiHandlers:
         *,
         connector_host: str,
         connector_my_ip: str | None,
+        connector_multipath: bool = False,
+        connector_rbd_local_attach: bool = False,
     ) -> None:
         self.metrics = service.metrics
         self.connector_host = connector_host
         self.connector_my_ip = connector_my_ip
+        self.connector_multipath = connector_multipath
+        self.connector_rbd_local_attach = connector_rbd_local_attach
         self.service = service
         self.reconciler = reconciler
         self.executor = executor
@@ -319,6 +323,8 @@ class ApiHandlers:
                 target=request.query.get("target"),
                 host=self.connector_host,
                 my_ip=self.connector_my_ip,
+                multipath=self.connector_multipath,
+                rbd_local_attach=self.connector_rbd_local_attach,
             )
         )
         return model_response(properties)

@@ -115,6 +115,18 @@ ISCSI_OPTS: list[cfg.Opt] = [
     ),
 ]
 
+RBD_OPTS: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "attach_mode",
+        default="librbd",
+        choices=[
+            ("librbd", "QEMU opens the image itself; the agent keeps the cephx secret"),
+            ("krbd", "the kernel maps the image (rbd map) to a /dev/rbdN block device"),
+        ],
+        help="How RBD volumes reach guests.",
+    ),
+]
+
 CONNECTOR_OPTS: list[cfg.Opt] = [
     cfg.StrOpt(
         "host",
@@ -143,6 +155,7 @@ GROUPS: dict[str, list[cfg.Opt]] = {
     "reconcile": RECONCILE_OPTS,
     "connector": CONNECTOR_OPTS,
     "iscsi": ISCSI_OPTS,
+    "rbd": RBD_OPTS,
 }
 
 

@@ -4,7 +4,8 @@ The ``ip`` is chosen by a route lookup toward the storage address the caller
 names (``?target=IP``), else the configured ``my_ip``, else the source of the
 default route; ``host`` is the configured stable host name. os-brick adds
 what the host has: the iSCSI initiator name from
-``/etc/iscsi/initiatorname.iscsi``, NVMe identity, multipath.
+``/etc/iscsi/initiatorname.iscsi``, NVMe identity, multipath; in krbd mode
+``do_local_attach`` is true.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ LOG = logging.getLogger(__name__)
 
 
 def connector_properties(
-    *, target: str | None, host: str, my_ip: str | None, multipath: bool = False
+    *,
+    target: str | None,
+    host: str,
+    my_ip: str | None,
+    multipath: bool = False,
+    rbd_local_attach: bool = False,
 ) -> ConnectorProperties:
     try:
         ip = choose_initiator_ip(target, configured=my_ip)
@@ -31,5 +37,7 @@ def connector_properties(
     properties: dict[str, Any] = brick_connector.get_connector_properties(
         None, ip, multipath, False, host=host
     )
+    if rbd_local_attach:  # krbd: Cinder must export for a kernel map, not for librbd
+        properties["do_local_attach"] = True
     LOG.debug("connector properties for target %s: %s", target, properties)
     return ConnectorProperties.model_validate(properties)

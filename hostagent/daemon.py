@@ -200,7 +200,11 @@ def run(conf: cfg.ConfigOpts) -> int:
             store=store,
             guests=guests,
             registry=connectors.ConnectorRegistry.default(
-                connectors.ConnectorSettings(iscsi_use_multipath=conf.iscsi.use_multipath)
+                connectors.ConnectorSettings(
+                    iscsi_use_multipath=conf.iscsi.use_multipath,
+                    rbd_attach_mode=conf.rbd.attach_mode,
+                ),
+                secrets=guests,
             ),
             locks=HostLocks(state_dir / "locks"),
             settings=ServiceSettings(
@@ -229,6 +233,8 @@ def run(conf: cfg.ConfigOpts) -> int:
             build_openapi(),
             connector_host=conf.connector.host,
             connector_my_ip=conf.connector.my_ip,
+            connector_multipath=conf.iscsi.use_multipath,
+            connector_rbd_local_attach=conf.rbd.attach_mode == "krbd",
         )
         app = make_app(handlers, policy)
         inherited = inherited_socket()

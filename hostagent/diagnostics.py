@@ -17,6 +17,7 @@ from hostagent.models import DoctorReport, Finding, LibvirtView
 from hostagent.references import (
     DeviceReference,
     DomainDisk,
+    matcher_for,
     references_in,
     scan_domain_disks,
 )
@@ -151,7 +152,7 @@ def _connection_findings(
             yield Finding(
                 kind="foreign_disk",
                 subject=key,
-                detail=f"{ref.domain_name} ({ref.where}) uses {connection.device_path} as "
+                detail=f"{ref.domain_name} ({ref.where}) uses {ref.source} as "
                 f"{ref.target_dev} without an attachment of the agent; the device stays "
                 "connected while it does",
                 suggestion=f"virsh domblklist {ref.domain_name} --details",
@@ -187,7 +188,7 @@ def diagnose(service: AttachmentService) -> DoctorReport:
             connection,
             store.refcount(connection.connection_key),
             service.settings.boot_id,
-            references_in(disks, connection.device_path) if connection.device_path else [],
+            references_in(disks, matcher) if (matcher := matcher_for(connection)) else [],
             ours,
         )
     return DoctorReport(

@@ -8,7 +8,7 @@ import logging
 
 from hostagent import failpoints
 from hostagent.connectors import HostDevice, Target
-from hostagent.errors import InvalidRequest, LibvirtError, TargetDevInUse
+from hostagent.errors import LibvirtError, TargetDevInUse
 from hostagent.guests import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import (
     ControllerSpec,
@@ -18,11 +18,11 @@ from hostagent.libvirt_xml.disk import (
     parse_domain,
 )
 from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
-from hostagent.libvirt_xml.policy import build_disk
+from hostagent.libvirt_xml.policy import BlockSource, build_disk
 from hostagent.locks import HostLocks
 from hostagent.metrics import Metrics
 from hostagent.models import AttachRequest
-from hostagent.render import disk_request
+from hostagent.render import disk_request, disk_source
 from hostagent.store import AttachmentRecord, Store
 
 LOG = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def validate_disk_rules(request: AttachRequest, target: Target) -> None:
         disk_request(
             attachment_id="validate",
             serial=request.serial or request.volume_id,
-            device_path="/dev/null",
+            source=BlockSource(dev="/dev/null"),
             disk_format=target.disk_format,
             multiattach=request.multiattach,
             mode=request.mode,
@@ -232,13 +232,11 @@ class GuestDisks:
             address = first_free_drive_address(
                 controller, view.drive_addresses(controller) | skipped
             )
-        if device.path is None:
-            raise InvalidRequest(f"{target.driver_volume_type} gave no host block device")
         disk = build_disk(
             disk_request(
                 attachment_id=record.attachment_id,
                 serial=record.serial,
-                device_path=device.path,
+                source=disk_source(target, device),
                 disk_format=target.disk_format,
                 multiattach=record.multiattach,
                 mode=record.mode,

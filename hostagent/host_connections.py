@@ -24,7 +24,7 @@ from hostagent.guests import Guests
 from hostagent.locks import HostLocks
 from hostagent.metrics import Metrics
 from hostagent.models import DetachResult
-from hostagent.references import find_device_references, processes_holding
+from hostagent.references import find_references, matcher_for, processes_holding
 from hostagent.store import (
     AttachmentRecord,
     ConnectionRecord,
@@ -288,13 +288,16 @@ class HostConnections:
     def device_users(self, connection: ConnectionRecord) -> list[str]:
         """Who still uses the connection's device: domains (live or config) that
         name it, else processes that hold it open. Empty: safe to disconnect."""
-        if connection.device_path is None:
+        matcher = matcher_for(connection)
+        if matcher is None:
             return []
         users = [
             f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
-            for ref in find_device_references(self.guests, connection.device_path)
+            for ref in find_references(self.guests, matcher)
         ]
-        return users or [
+        if users or connection.device_path is None:
+            return users
+        return [
             f"process {holder.pid} ({holder.command}) that holds it open"
             for holder in processes_holding(connection.device_path)
         ]

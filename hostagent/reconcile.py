@@ -19,7 +19,7 @@ from collections.abc import Callable
 from hostagent import logctx
 from hostagent.errors import HostagentError
 from hostagent.models import ReconcileAction, ReconcileReport
-from hostagent.references import references_in, scan_domain_disks
+from hostagent.references import matcher_for, references_in, scan_domain_disks
 from hostagent.service import AttachmentService
 from hostagent.store import AttachmentRecord, AttachmentState, ConnectionRecord, ConnectionState
 
@@ -241,15 +241,14 @@ class Reconciler:
 
     def _foreign_disks(self) -> list[ReconcileAction]:
         store = self.service.store
-        connections = [c for c in store.list_connections() if c.device_path]
+        connections = [(c, m) for c in store.list_connections() if (m := matcher_for(c))]
         if not connections:
             return []
         ours = {(a.domain_uuid, a.alias) for a in store.list_attachments()}
         disks = scan_domain_disks(self.service.guests)
         found = []
-        for connection in connections:
-            assert connection.device_path is not None
-            for ref in references_in(disks, connection.device_path):
+        for connection, matcher in connections:
+            for ref in references_in(disks, matcher):
                 if (ref.domain_uuid, ref.alias) in ours:
                     continue
                 found.append(
@@ -257,7 +256,7 @@ class Reconciler:
                         action="foreign_disk",
                         subject=connection.connection_key,
                         detail=f"domain {ref.domain_name} ({ref.where}) uses "
-                        f"{connection.device_path} as {ref.target_dev} without an attachment "
+                        f"{ref.source} as {ref.target_dev} without an attachment "
                         "of ours; the device stays connected",
                     )
                 )

@@ -20,6 +20,7 @@ from typing import Literal
 from hostagent.errors import DomainNotFound
 from hostagent.guests import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import DiskRef, parse_disk_refs
+from hostagent.store import ConnectionRecord
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,33 @@ def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
     return [dd for disks in per_domain for dd in disks]
 
 
-def references_in(disks: list[DomainDisk], device_path: str) -> list[DeviceReference]:
-    """The disks among ``disks`` whose source is ``device_path``."""
-    matcher = HostDeviceMatcher(device_path)
+class NetworkDiskMatcher:
+    """Matches network disks (protocol and name, e.g. rbd pool/image)."""
+
+    def __init__(self, protocol: str, name: str) -> None:
+        self.protocol = protocol
+        self.name = name
+
+    def matches(self, disk: DiskRef) -> bool:
+        return disk.source_protocol == self.protocol and disk.source_name == self.name
+
+
+DiskMatcher = HostDeviceMatcher | NetworkDiskMatcher
+
+
+def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
+    """How to recognise a connection's disk in a domain's XML, or None if it
+    has nothing a disk could name."""
+    if connection.device_path is not None:
+        return HostDeviceMatcher(connection.device_path)
+    name = connection.connection_data.get("name")
+    if connection.driver_volume_type == "rbd" and isinstance(name, str):
+        return NetworkDiskMatcher("rbd", name)
+    return None
+
+
+def references_in(disks: list[DomainDisk], matcher: DiskMatcher) -> list[DeviceReference]:
+    """The disks among ``disks`` that ``matcher`` recognises."""
     return [
         DeviceReference(
             domain_uuid=dd.domain.uuid,
@@ -112,16 +137,16 @@ def references_in(disks: list[DomainDisk], device_path: str) -> list[DeviceRefer
             where=dd.where,
             alias=dd.disk.alias,
             target_dev=dd.disk.target_dev,
-            source=dd.disk.source_dev or dd.disk.source_file or "",
+            source=dd.disk.source_dev or dd.disk.source_file or dd.disk.source_name or "",
         )
         for dd in disks
         if matcher.matches(dd.disk)
     ]
 
 
-def find_device_references(guests: Guests, device_path: str) -> list[DeviceReference]:
-    """Every disk, in any domain's live XML or persistent config, on ``device_path``."""
-    return references_in(scan_domain_disks(guests), device_path)
+def find_references(guests: Guests, matcher: DiskMatcher) -> list[DeviceReference]:
+    """Every disk, in any domain's live XML or persistent config, ``matcher`` recognises."""
+    return references_in(scan_domain_disks(guests), matcher)
 
 
 @dataclass(frozen=True)

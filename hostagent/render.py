@@ -6,16 +6,24 @@ so an operator can ``virsh attach-device`` it by hand.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from itertools import count
 from typing import Any
 
 from pydantic import ValidationError
 
-from hostagent.connectors import ConnectorRegistry, InvalidTarget, Target
-from hostagent.libvirt_xml.disk import DriveAddress
+from hostagent.connectors import ConnectorRegistry, HostDevice, InvalidTarget, Target
+from hostagent.connectors.rbd import SECRET_NAMESPACE, cephx_key
+from hostagent.libvirt_xml.disk import DriveAddress, SourceHost
 from hostagent.libvirt_xml.placement import first_free_target_dev, target_dev_name
-from hostagent.libvirt_xml.policy import BlockSource, DiskPolicyError, DiskRequest, build_disk
+from hostagent.libvirt_xml.policy import (
+    BlockSource,
+    DiskPolicyError,
+    DiskRequest,
+    NetworkSource,
+    build_disk,
+)
 from hostagent.models import ConnectionInfo, describe_validation_error
 
 
@@ -23,11 +31,34 @@ class OfflineRenderError(ValueError):
     """The connection_info or options cannot make a disk; the message says why."""
 
 
+def disk_source(target: Target, device: HostDevice) -> BlockSource | NetworkSource:
+    """Where the guest's disk reads from: the host block device, or (rbd through
+    librbd) the image on its monitors, with the secret holding the cephx key."""
+    if device.path is not None:
+        return BlockSource(dev=device.path)
+    if target.driver_volume_type == "rbd":
+        props = target.properties
+        hosts = tuple(
+            SourceHost(name=str(host).strip("[]"), port=str(port))
+            for host, port in zip(props["hosts"], props["ports"], strict=True)
+        )
+        secret_uuid = device.device_info.get("secret_uuid")
+        return NetworkSource(
+            protocol="rbd",
+            name=str(props["name"]),
+            hosts=hosts,
+            auth_username=str(props["auth_username"]) if secret_uuid else None,
+            secret_type="ceph" if secret_uuid else None,
+            secret_uuid=str(secret_uuid) if secret_uuid else None,
+        )
+    raise InvalidTarget(f"{target.driver_volume_type} gave no host block device")
+
+
 def disk_request(
     *,
     attachment_id: str,
     serial: str,
-    device_path: str,
+    source: BlockSource | NetworkSource,
     disk_format: str,
     multiattach: bool,
     mode: str,
@@ -39,7 +70,7 @@ def disk_request(
     return DiskRequest(
         attachment_id=attachment_id,
         serial=serial,
-        source=BlockSource(dev=device_path),
+        source=source,
         multiattach=multiattach,
         mode=mode,
         bus=bus,
@@ -59,16 +90,22 @@ def default_unit(target_dev: str) -> int:
     raise AssertionError("unreachable")
 
 
-def offline_device_path(target: Target) -> str:
-    """Where the device will be on this host, without connecting: the local path,
-    or the udev by-path link of a single-path iSCSI LUN."""
+def offline_source(target: Target) -> BlockSource | NetworkSource:
+    """The disk's source without connecting: the local path, the udev by-path
+    link of a single-path iSCSI LUN, or an rbd image (with the secret the agent
+    would define for a key, or the one connection_info names)."""
     path = target.properties.get("device_path")
     if isinstance(path, str):
-        return path
+        return BlockSource(dev=path)
+    if target.driver_volume_type == "rbd":
+        secret = target.properties.get("secret_uuid")
+        if cephx_key(target.properties) is not None:
+            secret = str(uuid.uuid5(SECRET_NAMESPACE, target.connection_key))
+        return disk_source(target, HostDevice(None, {"secret_uuid": secret}))
     paths = target.connection_key.removeprefix("iscsi:").split(",")
     if target.driver_volume_type == "iscsi" and len(paths) == 1:
         portal, iqn, lun = paths[0].split("/")
-        return f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}"
+        return BlockSource(dev=f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}")
     raise OfflineRenderError(
         f"offline rendering cannot know the device of this {target.driver_volume_type} "
         "target (multipath devices are named when they appear)"
@@ -99,7 +136,7 @@ def render_disk_xml(
         request = disk_request(
             attachment_id=attachment_id,
             serial=serial,
-            device_path=offline_device_path(target),
+            source=offline_source(target),
             disk_format=target.disk_format,
             multiattach=multiattach,
             mode=mode,

@@ -10,15 +10,18 @@ from hostagent.connectors.base import (
     ConnectorError,
     HostDevice,
     InvalidTarget,
+    SecretKeeper,
     Target,
 )
 from hostagent.connectors.iscsi import ISCSIConnector
 from hostagent.connectors.local import LocalConnector
+from hostagent.connectors.rbd import RBDConnector
 
 # The protocols this agent serves, by driver_volume_type: real classes, no strings.
 CONNECTOR_CLASSES: Mapping[str, type[Connector]] = {
     LocalConnector.driver_volume_type: LocalConnector,
     ISCSIConnector.driver_volume_type: ISCSIConnector,
+    RBDConnector.driver_volume_type: RBDConnector,
 }
 
 
@@ -27,6 +30,7 @@ class ConnectorSettings:
     """What the config says about protocols."""
 
     iscsi_use_multipath: bool = False
+    rbd_attach_mode: str = "librbd"
 
 
 class ConnectorRegistry:
@@ -36,13 +40,20 @@ class ConnectorRegistry:
         self._connectors = dict(connectors)
 
     @classmethod
-    def default(cls, settings: ConnectorSettings | None = None) -> ConnectorRegistry:
+    def default(
+        cls, settings: ConnectorSettings | None = None, secrets: SecretKeeper | None = None
+    ) -> ConnectorRegistry:
+        """Every protocol, configured; ``secrets`` is where rbd keeps cephx keys
+        (libvirt; None where nothing will be connected, as for offline rendering)."""
         settings = settings or ConnectorSettings()
         return cls(
             {
                 LocalConnector.driver_volume_type: LocalConnector(),
                 ISCSIConnector.driver_volume_type: ISCSIConnector(
                     use_multipath=settings.iscsi_use_multipath
+                ),
+                RBDConnector.driver_volume_type: RBDConnector(
+                    attach_mode=settings.rbd_attach_mode, secrets=secrets
                 ),
             }
         )
@@ -68,5 +79,6 @@ __all__ = [
     "ConnectorSettings",
     "HostDevice",
     "InvalidTarget",
+    "SecretKeeper",
     "Target",
 ]

@@ -41,6 +41,20 @@ class HostDevice:
     device_info: Mapping[str, Any]
 
 
+class SecretKeeper(Protocol):
+    """Where connectors keep credentials QEMU must read: libvirt's secrets."""
+
+    def define_secret(self, uuid: str, usage_name: str, value: bytes) -> None:
+        """Define (or redefine) a private, persistent ceph secret with ``value``."""
+        ...
+
+    def undefine_secret(self, uuid: str) -> None:
+        """Remove the secret; gone already is fine."""
+        ...
+
+    def has_secret(self, uuid: str) -> bool: ...
+
+
 class Connector(Protocol):
     """One storage protocol (a ``driver_volume_type``) on this host."""
 

@@ -264,3 +264,10 @@ def test_only_root_and_allowed_peers_may_call(
         allowing.socket_path.chmod(0o666)
         allowed = as_user(user, allowing.socket_path, "list")
         assert allowed.returncode == 0, allowed.stderr
+
+
+def test_connector_reports_do_local_attach_in_krbd_mode(daemon_factory: DaemonFactory) -> None:
+    krbd = daemon_factory(**{"rbd.attach_mode": "krbd"}).client.connector("127.0.0.1")
+    assert krbd.model_dump()["do_local_attach"] is True
+    librbd = daemon_factory().client.connector("127.0.0.1")
+    assert librbd.model_dump()["do_local_attach"] is False

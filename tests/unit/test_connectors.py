@@ -11,6 +11,7 @@ import pytest
 from hostagent.connectors import CONNECTOR_CLASSES, ConnectorRegistry, InvalidTarget
 from hostagent.connectors.iscsi import ISCSIConnector
 from hostagent.connectors.local import LocalConnector
+from hostagent.connectors.rbd import RBDConnector
 
 
 @pytest.fixture
@@ -23,11 +24,16 @@ def dev_link() -> Iterator[Path]:
 
 
 def test_registry_holds_real_classes_and_names_unknown_protocols() -> None:
-    assert {"local": LocalConnector, "iscsi": ISCSIConnector} == CONNECTOR_CLASSES
+    assert {
+        "local": LocalConnector,
+        "iscsi": ISCSIConnector,
+        "rbd": RBDConnector,
+    } == CONNECTOR_CLASSES
     registry = ConnectorRegistry.default()
     assert isinstance(registry.get("local"), LocalConnector)
     with pytest.raises(
-        InvalidTarget, match=r"unknown driver_volume_type 'nfs'; this host serves iscsi, local"
+        InvalidTarget,
+        match=r"unknown driver_volume_type 'nfs'; this host serves iscsi, local, rbd",
     ):
         registry.get("nfs")
 

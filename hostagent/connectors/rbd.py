@@ -1,0 +1,194 @@
+"""``rbd``: a Ceph RBD image, two ways (``[rbd] attach_mode``).
+
+- ``librbd`` (default, as nova does): QEMU opens the image itself; there is
+  no host device. What is per host is the libvirt secret holding the cephx
+  key: when ``connection_info`` carries the key, the agent defines a private
+  secret for the image on connect and undefines it on the last detach; when
+  it names a ``secret_uuid`` the operator defined, that one is used.
+- ``krbd``: os-brick's RBDConnector maps the image (``rbd map``) into a
+  ``/dev/rbdN`` block device, refcounted like an iSCSI LUN, unmapped on the
+  last detach.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from os_brick.initiator.connectors.rbd import RBDConnector as BrickRBDConnector
+
+from hostagent.connectors.base import (
+    ConnectorError,
+    HostDevice,
+    InvalidTarget,
+    SecretKeeper,
+    Target,
+    scrub,
+)
+
+MODES = ("librbd", "krbd")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$")
+_USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,253}$")
+_KEYRING_KEY = re.compile(r"^\s*key\s*=\s*(\S+)\s*$", re.MULTILINE)
+# Secrets the agent defines get a UUID derived from the image, so a retry or
+# a restart finds the same one.
+SECRET_NAMESPACE = uuid.UUID("3f6f6a8e-0a39-4b8e-9b0e-6c1f2f5b7d11")
+
+
+def cephx_key(data: Mapping[str, Any]) -> str | None:
+    """The cephx key carried by connection_info (``key``, or inside ``keyring``)."""
+    key = data.get("key")
+    if key is None and isinstance(data.get("keyring"), str):
+        found = _KEYRING_KEY.search(data["keyring"])
+        key = found.group(1) if found else None
+    if key is None:
+        return None
+    try:
+        if not isinstance(key, str) or len(base64.b64decode(key, validate=True)) < 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise InvalidTarget("the cephx key in connection_info is not a base64 key") from None
+    return key
+
+
+def _monitors(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    hosts, ports = data.get("hosts"), data.get("ports")
+    if not isinstance(hosts, list) or not hosts or not isinstance(ports, list):
+        raise InvalidTarget("rbd connection_info.data needs hosts and ports lists")
+    if len(hosts) != len(ports):
+        raise InvalidTarget("rbd hosts and ports differ in length")
+    for host in hosts:
+        if not isinstance(host, str) or not _HOST.fullmatch(host):
+            raise InvalidTarget(f"rbd monitor host {host!r} is not a host name or address")
+    clean_ports = []
+    for port in ports:
+        if isinstance(port, bool) or not str(port).isdigit() or not 0 < int(port) < 65536:
+            raise InvalidTarget(f"rbd monitor port {port!r} is not a port number")
+        clean_ports.append(str(int(port)))
+    return list(hosts), clean_ports
+
+
+class RBDConnector:
+    """Ceph RBD images, through QEMU's librbd or the kernel's rbd driver."""
+
+    driver_volume_type: ClassVar[str] = "rbd"
+
+    def __init__(
+        self,
+        *,
+        attach_mode: str = "librbd",
+        secrets: SecretKeeper | None = None,
+        brick: Any | None = None,
+    ) -> None:
+        if attach_mode not in MODES:
+            raise ValueError(f"rbd attach_mode must be one of {MODES}, not {attach_mode!r}")
+        self.attach_mode = attach_mode
+        self._secrets = secrets
+        self._brick: Any = brick
+        if brick is None and attach_mode == "krbd":
+            self._brick = BrickRBDConnector(root_helper=None, do_local_attach=True)
+
+    def parse_target(self, data: Mapping[str, Any]) -> Target:
+        name = data.get("name")
+        if (
+            not isinstance(name, str)
+            or not _NAME.fullmatch(name)
+            or any(part in (".", "..") for part in name.split("/"))
+        ):
+            raise InvalidTarget("rbd connection_info.data.name must be 'pool/image'")
+        hosts, ports = _monitors(data)
+        cluster = data.get("cluster_name") or "ceph"
+        if not isinstance(cluster, str) or not _USER.fullmatch(cluster):
+            raise InvalidTarget("rbd cluster_name must be a plain name")
+        key = cephx_key(data)
+        secret_uuid = data.get("secret_uuid")
+        if data.get("auth_enabled", True) and (data.get("auth_username") or key or secret_uuid):
+            user = data.get("auth_username")
+            if not isinstance(user, str) or not _USER.fullmatch(user):
+                raise InvalidTarget("rbd auth_username must be a cephx user name")
+            if secret_uuid is not None:
+                try:
+                    secret_uuid = str(uuid.UUID(str(secret_uuid)))
+                except ValueError:
+                    raise InvalidTarget("rbd secret_uuid is not a UUID") from None
+            if key is None and secret_uuid is None and self.attach_mode == "librbd":
+                raise InvalidTarget(
+                    "rbd with cephx needs the key (key or keyring) or the secret_uuid of a "
+                    "libvirt secret holding it"
+                )
+        disk_format = data.get("format", "raw")
+        if not isinstance(disk_format, str):
+            raise InvalidTarget("connection_info.data.format must be a string")
+        properties = {**data, "hosts": hosts, "ports": ports, "cluster_name": cluster}
+        if secret_uuid is not None:
+            properties["secret_uuid"] = secret_uuid
+        if self.attach_mode == "krbd":
+            properties["do_local_attach"] = True
+        return Target(self.driver_volume_type, f"rbd:{cluster}/{name}", properties, disk_format)
+
+    def guard(self, target: Target) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def connect(self, target: Target) -> HostDevice:
+        if self.attach_mode == "krbd":
+            return self._map(target)
+        props = target.properties
+        key = cephx_key(props)
+        if key is not None:
+            secret_uuid = str(uuid.uuid5(SECRET_NAMESPACE, target.connection_key))
+            self._keeper().define_secret(
+                secret_uuid, f"hostagent {target.connection_key}", base64.b64decode(key)
+            )
+            return HostDevice(
+                None, {"mode": "librbd", "secret_uuid": secret_uuid, "agent_secret": True}
+            )
+        named: str | None = props.get("secret_uuid")
+        if named is not None and not self._keeper().has_secret(named):
+            raise ConnectorError(
+                f"libvirt has no secret {named} for {target.connection_key}; define it "
+                "(virsh secret-define) or send the key"
+            )
+        return HostDevice(None, {"mode": "librbd", "secret_uuid": named, "agent_secret": False})
+
+    def disconnect(self, target: Target, device: HostDevice) -> None:
+        if self.attach_mode == "krbd" or device.device_info.get("mode") != "librbd":
+            self._unmap(target, device)
+        elif device.device_info.get("agent_secret"):
+            self._keeper().undefine_secret(str(device.device_info["secret_uuid"]))
+
+    def _keeper(self) -> SecretKeeper:
+        if self._secrets is None:
+            raise ConnectorError("rbd in librbd mode needs libvirt to keep its secrets")
+        return self._secrets
+
+    def _map(self, target: Target) -> HostDevice:
+        try:
+            info = self._brick.connect_volume(dict(target.properties))
+        except Exception as exc:  # os-brick raises many unrelated types
+            raise ConnectorError(
+                scrub(
+                    f"rbd map of {target.connection_key} failed: {type(exc).__name__}: {exc}",
+                    target.properties,
+                )
+            ) from exc
+        path = info.get("path") if isinstance(info, dict) else None
+        if not isinstance(path, str):
+            raise ConnectorError(f"rbd map of {target.connection_key} gave no block device")
+        return HostDevice(path=path, device_info={"mode": "krbd", **info})
+
+    def _unmap(self, target: Target, device: HostDevice) -> None:
+        try:
+            self._brick.disconnect_volume(dict(target.properties), dict(device.device_info))
+        except Exception as exc:
+            raise ConnectorError(
+                scrub(
+                    f"rbd unmap of {target.connection_key} failed: {type(exc).__name__}: {exc}",
+                    target.properties,
+                )
+            ) from exc

@@ -1,0 +1,176 @@
+"""connectors/rbd.py: librbd secrets and krbd maps, at recording fakes of their boundaries.
+
+The real librbd path runs against a real Ceph cluster in
+tests/integration/test_rbd.py; krbd needs the kernel's rbd module, which
+this machine lacks, so its os-brick boundary is a recording fake here.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+import pytest
+
+from hostagent.connectors import ConnectorError, HostDevice, InvalidTarget
+from hostagent.connectors.rbd import SECRET_NAMESPACE, RBDConnector, cephx_key
+from hostagent.libvirt_xml.policy import NetworkSource
+from hostagent.render import disk_source
+
+KEY = base64.b64encode(b"k" * 28).decode()
+
+
+class RecordingSecretKeeper:
+    """Stands in for libvirt's secret API and records what the connector asks."""
+
+    def __init__(self, existing: set[str] | None = None) -> None:
+        self.secrets: dict[str, tuple[str, bytes]] = {}
+        self.existing = existing or set()
+        self.calls: list[tuple[str, str]] = []
+
+    def define_secret(self, uuid: str, usage_name: str, value: bytes) -> None:
+        self.calls.append(("define", uuid))
+        self.secrets[uuid] = (usage_name, value)
+
+    def undefine_secret(self, uuid: str) -> None:
+        self.calls.append(("undefine", uuid))
+        self.secrets.pop(uuid, None)
+
+    def has_secret(self, uuid: str) -> bool:
+        return uuid in self.secrets or uuid in self.existing
+
+
+class RecordingBrickRBD:
+    """Stands in for os-brick's RBDConnector with do_local_attach (rbd map)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def connect_volume(self, properties: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("map", properties))
+        return {"path": "/dev/rbd0", "type": "block"}
+
+    def disconnect_volume(self, properties: dict[str, Any], device_info: dict[str, Any]) -> None:
+        self.calls.append(("unmap", {**properties, **device_info}))
+
+
+def cinder_data(**extra: Any) -> dict[str, Any]:
+    """Cinder's RBD connection_info data."""
+    return {
+        "name": "volumes/volume-1",
+        "hosts": ["192.0.2.1", "192.0.2.2", "[2001:db8::3]"],
+        "ports": ["6789", "6789", 6789],
+        "cluster_name": "ceph",
+        "auth_enabled": True,
+        "auth_username": "cinder",
+        "secret_type": "ceph",
+        **extra,
+    }
+
+
+def test_a_key_becomes_an_agent_secret_defined_once_per_image_and_removed_at_the_end() -> None:
+    keeper = RecordingSecretKeeper()
+    connector = RBDConnector(secrets=keeper)
+    target = connector.parse_target(cinder_data(keyring=f"[client.cinder]\n\tkey = {KEY}\n"))
+    assert target.connection_key == "rbd:ceph/volumes/volume-1"
+    assert KEY not in repr(target)
+    device = connector.connect(target)
+    expected_uuid = str(uuid.uuid5(SECRET_NAMESPACE, target.connection_key))
+    assert device == HostDevice(
+        None, {"mode": "librbd", "secret_uuid": expected_uuid, "agent_secret": True}
+    )
+    assert keeper.secrets[expected_uuid] == (
+        "hostagent rbd:ceph/volumes/volume-1",
+        base64.b64decode(KEY),
+    )
+    assert connector.connect(target) == device, "the same secret again: idempotent"
+
+    source = disk_source(target, device)
+    assert isinstance(source, NetworkSource)
+    assert source.name == "volumes/volume-1"
+    assert [(h.name, h.port) for h in source.hosts] == [
+        ("192.0.2.1", "6789"),
+        ("192.0.2.2", "6789"),
+        ("2001:db8::3", "6789"),
+    ]
+    assert (source.auth_username, source.secret_type, source.secret_uuid) == (
+        "cinder",
+        "ceph",
+        expected_uuid,
+    )
+
+    connector.disconnect(target, device)
+    assert keeper.secrets == {}
+
+
+def test_an_operators_secret_is_used_and_never_removed() -> None:
+    operator_uuid = "7d7c3e7e-0000-4000-8000-00000000abcd"
+    keeper = RecordingSecretKeeper(existing={operator_uuid})
+    connector = RBDConnector(secrets=keeper)
+    target = connector.parse_target(cinder_data(secret_uuid=operator_uuid))
+    device = connector.connect(target)
+    assert device.device_info == {
+        "mode": "librbd",
+        "secret_uuid": operator_uuid,
+        "agent_secret": False,
+    }
+    connector.disconnect(target, device)
+    assert keeper.calls == [], "the operator's secret is theirs"
+
+    missing = connector.parse_target(cinder_data(secret_uuid=str(uuid.uuid4())))
+    with pytest.raises(ConnectorError, match="libvirt has no secret"):
+        connector.connect(missing)
+
+
+def test_no_auth_needs_no_secret() -> None:
+    connector = RBDConnector(secrets=RecordingSecretKeeper())
+    target = connector.parse_target(cinder_data(auth_enabled=False, auth_username=None))
+    device = connector.connect(target)
+    source = disk_source(target, device)
+    assert isinstance(source, NetworkSource) and source.secret_uuid is None
+    assert source.auth_username is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (cinder_data(name="volume-1"), "pool/image"),
+        (cinder_data(name="pool/../x"), "pool/image"),
+        (cinder_data(hosts=[]), "hosts and ports"),
+        (cinder_data(ports=["6789"]), "differ in length"),
+        (cinder_data(ports=["0", "1", "2"]), "not a port number"),
+        (cinder_data(hosts=["a b", "x", "y"]), "not a host"),
+        (cinder_data(), "needs the key"),
+        (cinder_data(key="not-base64!"), "not a base64 key"),
+        (cinder_data(secret_uuid="nope"), "not a UUID"),
+        (cinder_data(auth_username="bad user", key=KEY), "cephx user"),
+        (cinder_data(cluster_name="a/b", key=KEY), "cluster_name"),
+    ],
+)
+def test_bad_rbd_targets_are_refused(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidTarget, match=message):
+        RBDConnector(secrets=RecordingSecretKeeper()).parse_target(data)
+
+
+def test_krbd_maps_once_and_unmaps_with_what_map_returned() -> None:
+    brick = RecordingBrickRBD()
+    connector = RBDConnector(attach_mode="krbd", brick=brick)
+    keyring = f"[client.cinder]\n\tkey = {KEY}\n"
+    target = connector.parse_target(cinder_data(keyring=keyring))
+    device = connector.connect(target)
+    assert device.path == "/dev/rbd0"
+    connector.disconnect(target, device)
+    (_, mapped), (_, unmapped) = brick.calls
+    assert mapped["do_local_attach"] is True and mapped["keyring"] == keyring
+    assert unmapped["path"] == "/dev/rbd0"
+
+
+def test_key_parsing() -> None:
+    assert cephx_key({"key": KEY}) == KEY
+    assert cephx_key({"keyring": f"[client.x]\n key = {KEY}\n caps mon = x\n"}) == KEY
+    assert cephx_key({}) is None
+    with pytest.raises(InvalidTarget):
+        cephx_key({"key": base64.b64encode(b"short").decode()})
+    with pytest.raises(ValueError, match="attach_mode"):
+        RBDConnector(attach_mode="nbd")
