@@ -27,7 +27,7 @@ from tests.integration.support import (
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/integration/" in str(item.fspath) or "tests/faults/" in str(item.fspath):
+        if any(f"tests/{d}/" in str(item.fspath) for d in ("integration", "faults", "ceph")):
             item.add_marker(pytest.mark.integration)
 
 
