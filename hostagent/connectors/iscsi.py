@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -102,6 +103,25 @@ def _check_auth(data: Mapping[str, Any]) -> None:
             raise InvalidTarget(f"CHAP needs a non-empty {field}")
 
 
+def stable_path(target: Target, info: Mapping[str, Any]) -> str:
+    """The name to give guests: a udev link that survives /dev/sdX renumbering
+    (os-brick reports the kernel name): /dev/mapper/<wwid> for multipath, the
+    by-path link for a single path, when it points at the same device."""
+    path = str(info["path"])
+    real = os.path.realpath(path)
+    candidates = []
+    if info.get("multipath_id"):
+        candidates.append(f"/dev/mapper/{info['multipath_id']}")
+    paths = target.connection_key.removeprefix("iscsi:").split(",")
+    if len(paths) == 1:
+        portal, iqn, lun = paths[0].split("/")
+        candidates.append(f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}")
+    for candidate in candidates:
+        if os.path.exists(candidate) and os.path.realpath(candidate) == real:
+            return candidate
+    return path
+
+
 class ISCSIConnector:
     """iSCSI LUNs, single path or multipath, optionally with CHAP."""
 
@@ -149,7 +169,7 @@ class ISCSIConnector:
             ) from exc
         if not info or not info.get("path"):
             raise ConnectorError(f"iSCSI {target.connection_key}: os-brick found no device")
-        return HostDevice(path=str(info["path"]), device_info=dict(info))
+        return HostDevice(path=stable_path(target, info), device_info=dict(info))
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
         """Flush and log out; a failed flush fails the detach (force=False), it

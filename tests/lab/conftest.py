@@ -1,0 +1,57 @@
+"""The storage lab: tests that boot a Debian VM under QEMU TCG (see README.md).
+
+Every test here is marked ``lab``. They run only when asked for, because a run
+takes minutes (the first one also builds the cached image):
+``pytest tests/lab -m lab`` (any ``-m`` expression naming ``lab``), or
+``HOSTAGENT_LAB=1`` in the environment. Otherwise they are skipped with that
+hint, so ``./scripts/test`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+LAB_DIR = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "lab: boots the storage lab VM under QEMU TCG (minutes); "
+        "run with `pytest tests/lab -m lab` or HOSTAGENT_LAB=1",
+    )
+
+
+def _lab_requested(config: pytest.Config) -> bool:
+    return "lab" in (config.getoption("markexpr") or "") or os.environ.get("HOSTAGENT_LAB") == "1"
+
+
+def _lab_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the storage lab needs root (debootstrap, chroot)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "mke2fs", "unshare"):
+        if shutil.which(tool) is None:
+            return f"the storage lab needs {tool}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    requested = _lab_requested(config)
+    unavailable = _lab_unavailable()
+    for item in items:
+        if LAB_DIR not in Path(str(item.fspath)).resolve().parents:
+            continue
+        item.add_marker(pytest.mark.lab)
+        if not requested:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="storage lab VM (minutes): run `pytest tests/lab -m lab` "
+                    "or set HOSTAGENT_LAB=1"
+                )
+            )
+        elif unavailable:
+            item.add_marker(pytest.mark.skip(reason=unavailable))

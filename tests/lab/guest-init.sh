@@ -1,0 +1,102 @@
+#!/bin/bash
+# Storage lab, stage 2: PID 1 inside the VM, started by the image's /lab/init
+# once the 9p share is mounted at /lab/share. vm.py copies this file into the
+# share for every run, so changing it never rebuilds the image.
+#
+# Brings up what a compute host has (udev, dbus, iscsid, virtlogd, libvirtd,
+# the LIO modules), runs /lab/share/run.sh with bash, leaves its stdout,
+# stderr and exit status in /lab/share/out, and powers off.
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8 TERM=dumb
+share=/lab/share
+out=$share/out
+# shellcheck source=/dev/null
+. "$share/lab.env" # LAB_TIMEOUT: the host's time budget for the whole run, seconds
+
+say() { echo "lab: [$(cut -d' ' -f1 /proc/uptime)] $*" >/dev/console; }
+power_off() {
+  sync
+  say "power off"
+  echo o >/proc/sysrq-trigger
+  sleep 60
+}
+trap power_off EXIT
+fail_setup() {
+  say "setup failed: $*"
+  echo "lab setup failed: $*" >"$out/setup-error"
+  exit 1
+}
+
+mkdir -p "$out"
+say "stage 2 on $(uname -r)"
+
+# -- file systems
+mnt() { mountpoint -q "$2" || { mkdir -p "$2" && mount -t "$1" "${@:3}" "$1" "$2"; }; }
+mnt devpts /dev/pts -o gid=5,mode=620,ptmxmode=666
+mnt tmpfs /dev/shm -o mode=1777
+mnt tmpfs /run -o mode=755
+mnt tmpfs /tmp -o mode=1777
+mnt cgroup2 /sys/fs/cgroup
+mkdir -p /run/lock /run/lab /run/dbus /var/log/libvirt /etc/target
+hostname lab
+ip link set lo up
+
+# -- modules (no KVM in here: inner guests run under TCG too)
+modprobe -a configfs target_core_mod target_core_file target_core_iblock iscsi_target_mod \
+  scsi_transport_iscsi libiscsi iscsi_tcp sd_mod sg virtio_scsi loop tun dm_mod ||
+  fail_setup "modprobe"
+mnt configfs /sys/kernel/config # (its mount point appears with the module)
+
+# -- udev, so /dev/disk/by-path links appear
+/lib/systemd/systemd-udevd --daemon || fail_setup "systemd-udevd"
+udevadm trigger --type=subsystems --action=add
+udevadm trigger --type=devices --action=add
+udevadm settle --timeout=60 || say "udevadm settle timed out"
+say "udev settled"
+
+# -- dbus (targetcli), iscsid, libvirt
+dbus-uuidgen --ensure
+dbus-daemon --system --fork || fail_setup "dbus-daemon"
+if ! grep -q '^InitiatorName=' /etc/iscsi/initiatorname.iscsi 2>/dev/null; then
+  echo "InitiatorName=$(iscsi-iname -p iqn.2026-11.test.hostagent.lab)" >/etc/iscsi/initiatorname.iscsi
+fi
+iscsid || fail_setup "iscsid"
+virtlogd -d || fail_setup "virtlogd"
+libvirtd -d || fail_setup "libvirtd"
+for _ in $(seq 120); do
+  virsh -q -c qemu:///system uri >/dev/null 2>&1 && break
+  sleep 0.5
+done
+virsh -q -c qemu:///system uri >/dev/null || fail_setup "libvirtd does not answer"
+say "libvirtd answers"
+
+# -- the project, from the share (the image's venv has a .pth for /lab/share/src)
+for tool in hostagentd:hostagent.daemon hostagentctl:hostagent.cli; do
+  printf '#!/bin/sh\nexec /opt/hostagent/bin/python -m %s "$@"\n' "${tool#*:}" \
+    >"/usr/local/bin/${tool%%:*}"
+  chmod 755 "/usr/local/bin/${tool%%:*}"
+done
+
+# -- the run's script, within what is left of the host's budget
+started=$(cut -d' ' -f1 /proc/uptime)
+echo "$started" >"$out/boot-seconds"
+budget=$(awk -v t="$LAB_TIMEOUT" -v s="$started" 'BEGIN { b = int(t - s - 20); print (b > 10 ? b : 10) }')
+say "setup done; running run.sh (at most ${budget}s)"
+: >/run/lab/stdout
+: >/run/lab/stderr
+tail -q -n +1 -F /run/lab/stdout /run/lab/stderr >/dev/console 2>/dev/null &
+tail_pid=$!
+(
+  cd /tmp &&
+    LAB_SHARE=$share LAB_OUT=$out LAB_SRC=$share/src \
+      exec timeout --kill-after=5 "$budget" bash "$share/run.sh" </dev/null >/run/lab/stdout 2>/run/lab/stderr
+)
+status=$?
+[ "$status" = 124 ] && say "run.sh timed out after ${budget}s"
+say "run.sh exited $status"
+sleep 0.5
+kill "$tail_pid" 2>/dev/null
+cp /run/lab/stdout /run/lab/stderr "$out/"
+dmesg >"$out/dmesg.txt"
+echo "$status" >"$out/status.tmp" && mv "$out/status.tmp" "$out/status"

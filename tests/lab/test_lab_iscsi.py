@@ -1,0 +1,182 @@
+"""iSCSI for real: hostagentd in the lab VM shares one LIO LUN between two guests.
+
+Inside the VM (stock Debian kernel, so iSCSI works): an LIO target on
+127.0.0.1 with two targets (one plain, one with CHAP), open-iscsi, libvirtd
+with two TCG guests, and hostagentd driven through hostagentctl. The script
+asserts from inside the VM and writes what it saw to the share.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab.vm import run_in_lab
+
+pytestmark = pytest.mark.lab
+
+CHAP_PASSWORD = "LabChapPassw0rd-77"
+
+SCENARIO = r"""
+set -euo pipefail
+PORTAL=127.0.0.1:3260
+SHARED=iqn.2026-11.test.hostagent:shared
+CHAP=iqn.2026-11.test.hostagent:chap
+CHAP_PASSWORD=__CHAP_PASSWORD__
+INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
+LINK=/dev/disk/by-path/ip-$PORTAL-iscsi-$SHARED-lun-0
+log() { echo "== $(cut -d' ' -f1 /proc/uptime) $*"; }
+fail() { echo "FAILED: $*" >&2; exit 1; }
+wait_for() {
+  local deadline=$((SECONDS + $1)); shift
+  until "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "gave up waiting for: $*"
+    sleep 0.2
+  done
+}
+sessions() { iscsiadm -m session 2>/dev/null | grep -c "$1" || true; }
+record() { echo "$2" >"$LAB_OUT/$1"; }
+
+log "LIO: $SHARED (plain) and $CHAP (CHAP), for $INITIATOR"
+mkdir -p /var/lib/lab
+truncate -s 64M /var/lib/lab/shared.img
+truncate -s 32M /var/lib/lab/chap.img
+cat >/tmp/lio.json <<EOF
+{
+  "storage_objects": [
+    {"plugin": "fileio", "name": "shared", "dev": "/var/lib/lab/shared.img",
+     "size": 67108864, "write_back": false},
+    {"plugin": "fileio", "name": "chap", "dev": "/var/lib/lab/chap.img",
+     "size": 33554432, "write_back": false}
+  ],
+  "targets": [
+    {"fabric": "iscsi", "wwn": "$SHARED",
+     "tpgs": [{"tag": 1, "enable": true,
+       "attributes": {"authentication": 0, "generate_node_acls": 0},
+       "portals": [{"ip_address": "127.0.0.1", "port": 3260}],
+       "luns": [{"index": 0, "storage_object": "/backstores/fileio/shared"}],
+       "node_acls": [{"node_wwn": "$INITIATOR",
+         "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": false}]}]}]},
+    {"fabric": "iscsi", "wwn": "$CHAP",
+     "tpgs": [{"tag": 1, "enable": true,
+       "attributes": {"authentication": 1, "generate_node_acls": 0},
+       "portals": [{"ip_address": "127.0.0.1", "port": 3260}],
+       "luns": [{"index": 0, "storage_object": "/backstores/fileio/chap"}],
+       "node_acls": [{"node_wwn": "$INITIATOR",
+         "chap_userid": "labuser", "chap_password": "$CHAP_PASSWORD",
+         "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": false}]}]}]}
+  ]
+}
+EOF
+targetctl restore /tmp/lio.json >/tmp/targetctl.out 2>&1
+if [ -s /tmp/targetctl.out ]; then cat /tmp/targetctl.out >&2; fail "targetctl restore"; fi
+
+log "two TCG guests, firmware only"
+for n in 1 2; do
+  sed "s/<domain type='kvm'>/<domain type='qemu'>/; s/demo-1/demo-$n/" \
+    "$LAB_SRC/docs/example-guest.xml" >/tmp/guest$n.xml
+  virsh create /tmp/guest$n.xml >/dev/null
+done
+
+log "hostagentd"
+cat >/tmp/ha.conf <<EOF
+[DEFAULT]
+debug = true
+[libvirt]
+detach_retry_interval = 1
+EOF
+hostagentd --config-file /tmp/ha.conf --state-dir /tmp/st --socket-path /tmp/ha.sock \
+  >"$LAB_OUT/hostagentd.log" 2>&1 &
+daemon=$!
+wait_for 180 test -S /tmp/ha.sock
+export HOSTAGENT_SOCKET=/tmp/ha.sock
+cat >/tmp/shared.json <<EOF
+{"driver_volume_type": "iscsi",
+ "data": {"target_portal": "$PORTAL", "target_iqn": "$SHARED", "target_lun": 0}}
+EOF
+cat >/tmp/chap.json <<EOF
+{"driver_volume_type": "iscsi",
+ "data": {"target_portal": "$PORTAL", "target_iqn": "$CHAP", "target_lun": 0,
+          "auth_method": "CHAP", "auth_username": "labuser",
+          "auth_password": "$CHAP_PASSWORD"}}
+EOF
+
+log "attach the LUN to both guests"
+for n in 1 2; do
+  hostagentctl attach a$n --volume-id vol-shared --domain demo-$n \
+    --connection-info /tmp/shared.json --multiattach --json >"$LAB_OUT/a$n.json"
+done
+record sessions_after_two_attaches "$(sessions "$SHARED")"
+[ "$(sessions "$SHARED")" = 1 ] || fail "expected one iSCSI session for two guests"
+for n in 1 2; do
+  virsh dumpxml demo-$n --xpath "//disk[alias/@name='ua-a$n']" >"$LAB_OUT/disk$n.xml"
+  sed "s/'/\"/g" "$LAB_OUT/disk$n.xml" >/tmp/disk$n.xml  # no pipe into grep -q (SIGPIPE)
+  grep -qF "<source dev=\"$LINK\"" /tmp/disk$n.xml || fail "demo-$n does not use $LINK"
+  grep -q "<shareable/>" "$LAB_OUT/disk$n.xml" || fail "demo-$n's disk is not shareable"
+done
+dev=$(readlink -f "$LINK")
+record scsi_device "$dev"
+
+log "first detach: the session stays"
+hostagentctl detach a1 --json >"$LAB_OUT/d1.json"
+[ "$(sessions "$SHARED")" = 1 ] || fail "the session went with the first detach"
+test -L "$LINK" || fail "the device went with the first detach"
+
+log "last detach: logged out, device gone"
+hostagentctl detach a2 --json >"$LAB_OUT/d2.json"
+[ "$(sessions "$SHARED")" = 0 ] || fail "still logged in after the last detach"
+udevadm settle
+test ! -e "$LINK" || fail "$LINK still there"
+test ! -e "/sys/block/$(basename "$dev")" || fail "$dev still there"
+record sessions_after_last_detach "$(sessions "$SHARED")"
+
+log "CHAP"
+hostagentctl attach c1 --volume-id vol-chap --domain demo-1 \
+  --connection-info /tmp/chap.json --multiattach --json >"$LAB_OUT/c1.json"
+[ "$(sessions "$CHAP")" = 1 ] || fail "no CHAP session"
+iscsiadm -m session -P 3 >/tmp/session.txt 2>&1 || true
+hostagentctl detach c1 --json >"$LAB_OUT/c1-detach.json"
+[ "$(sessions "$CHAP")" = 0 ] || fail "CHAP session left"
+
+kill -TERM "$daemon"
+wait "$daemon"
+log "hostagentd exited 0"
+
+log "the CHAP password in logs?"
+found=$(grep -rlF "$CHAP_PASSWORD" "$LAB_OUT/hostagentd.log" /var/log/libvirt /tmp/st \
+        "$LAB_OUT"/*.json 2>/dev/null | grep -v '^/tmp/st/hostagent.sqlite3' || true)
+record password_found_in "${found:-nowhere}"
+[ -z "$found" ] || fail "the CHAP password is in: $found"
+log "done"
+"""
+
+
+def test_one_iscsi_session_shared_by_two_guests_and_chap(tmp_path: Path) -> None:
+    started = time.monotonic()
+    script = SCENARIO.replace("__CHAP_PASSWORD__", CHAP_PASSWORD)
+    result = run_in_lab(script, share=tmp_path / "share", timeout=1200)
+    print(
+        f"\nlab iSCSI scenario: boot {result.boot_seconds} s, VM run "
+        f"{result.wall_seconds:.1f} s, total {time.monotonic() - started:.1f} s"
+    )
+    result.check()
+    out = result.out_dir
+    assert (out / "sessions_after_two_attaches").read_text().strip() == "1"
+    assert (out / "sessions_after_last_detach").read_text().strip() == "0"
+    a1, a2 = (json.loads((out / f"{n}.json").read_text()) for n in ("a1", "a2"))
+    assert (
+        a1["connection_key"]
+        == a2["connection_key"]
+        == ("iscsi:127.0.0.1:3260/iqn.2026-11.test.hostagent:shared/0")
+    )
+    assert (a1["host_refcount"], a2["host_refcount"]) == (1, 2)
+    assert a1["device_path"] == a2["device_path"]
+    assert a1["device_path"].startswith("/dev/disk/by-path/ip-127.0.0.1:3260-iscsi-")
+    d1, d2 = (json.loads((out / f"{n}.json").read_text()) for n in ("d1", "d2"))
+    assert (d1["terminate_connection"], d2["terminate_connection"]) == (False, True)
+    assert json.loads((out / "c1-detach.json").read_text())["terminate_connection"]
+    assert (out / "password_found_in").read_text().strip() == "nowhere"
+    assert CHAP_PASSWORD not in (out / "hostagentd.log").read_text()
