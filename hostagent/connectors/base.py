@@ -78,13 +78,19 @@ class Connector(Protocol):
         ...
 
 
-_SECRET_FIELD = ("password", "secret", "key", "keyring", "token")
+_SECRET_NAMES = frozenset({"password", "secret", "key", "keyring", "token"})
+_SECRET_SUFFIXES = ("_password", "_secret", "_key", "_keyring", "_token")
+
+
+def is_secret_field(name: str) -> bool:
+    """auth_password, key, keyring, ...; not secret_type or secret_uuid, which only name one."""
+    return name in _SECRET_NAMES or name.endswith(_SECRET_SUFFIXES)
 
 
 def scrub(message: str, properties: Mapping[str, Any]) -> str:
     """``message`` with every secret value of ``properties`` blanked out, so an
     error from a tool that echoed its command line cannot carry one."""
     for name, value in properties.items():
-        if isinstance(value, str) and len(value) >= 4 and any(f in name for f in _SECRET_FIELD):
+        if isinstance(value, str) and len(value) >= 4 and is_secret_field(name):
             message = message.replace(value, "***")
     return message

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import os
 import re
 import uuid
 from collections.abc import Mapping
@@ -130,6 +131,11 @@ class RBDConnector:
             properties["secret_uuid"] = secret_uuid
         if self.attach_mode == "krbd":
             properties["do_local_attach"] = True
+            if key is not None and not isinstance(data.get("keyring"), str):
+                # os-brick's rbd map reads the key only from keyring text
+                properties["keyring"] = (
+                    f"[client.{properties.get('auth_username')}]\n\tkey = {key}\n"
+                )
         return Target(self.driver_volume_type, f"rbd:{cluster}/{name}", properties, disk_format)
 
     def guard(self, target: Target) -> contextlib.AbstractContextManager[None]:
@@ -183,8 +189,14 @@ class RBDConnector:
         return HostDevice(path=path, device_info={"mode": "krbd", **info})
 
     def _unmap(self, target: Target, device: HostDevice) -> None:
+        info = dict(device.device_info)
+        conf = info.get("conf")
+        if isinstance(conf, str) and not os.path.exists(conf):
+            # os-brick's temporary ceph.conf from the map is gone (a restart with a
+            # fresh /tmp): write another one from the stored properties to unmap.
+            info["conf"] = self._brick.create_non_openstack_config(dict(target.properties))
         try:
-            self._brick.disconnect_volume(dict(target.properties), dict(device.device_info))
+            self._brick.disconnect_volume(dict(target.properties), info)
         except Exception as exc:
             raise ConnectorError(
                 scrub(

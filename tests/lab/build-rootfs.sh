@@ -119,7 +119,7 @@ echo lab >"$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 lab\n::1 localhost\n' >"$root/etc/hosts"
 : >"$root/etc/fstab"
 
-step "verify: virtio in the initramfs; 9p, LIO and iSCSI modules in the tree"
+step "verify: virtio in the initramfs; 9p, LIO, iSCSI and rbd modules in the tree"
 kver=$(basename "$(echo "$root"/lib/modules/*)")
 in_root lsinitramfs "/boot/initrd.img-$kver" >"$root/tmp/initrd-files"
 for m in virtio_pci virtio_blk; do
@@ -128,10 +128,16 @@ for m in virtio_pci virtio_blk; do
     { echo "the initramfs has no $m: the root disk would not be found" >&2; exit 1; }
 done
 for m in 9p 9pnet_virtio target_core_mod target_core_file iscsi_target_mod iscsi_tcp \
-    scsi_transport_iscsi sd_mod virtio_scsi loop configfs; do
+    scsi_transport_iscsi sd_mod virtio_scsi loop configfs rbd libceph; do
   in_root modinfo -k "$kver" "$m" >/dev/null || { echo "kernel $kver has no $m" >&2; exit 1; }
 done
 echo "kernel $kver; initramfs $(wc -l <"$root/tmp/initrd-files") files, virtio ok"
+# krbd: the rbd CLI os-brick runs, and the udev rule that names /dev/rbd/<pool>/<image>
+for f in /usr/bin/rbd /usr/bin/ceph-rbdnamer /lib/udev/rules.d/50-rbd.rules /usr/bin/ceph-mon \
+    /usr/bin/ceph-osd /usr/bin/monmaptool; do
+  [ -e "$root$f" ] || { echo "the image has no $f" >&2; exit 1; }
+done
+in_root python3 -c 'import rados, rbd' || { echo "the system python has no rados/rbd" >&2; exit 1; }
 
 step "clean up"
 # the download caches first: apt-get clean would empty the host's copy

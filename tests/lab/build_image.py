@@ -45,6 +45,11 @@ PACKAGES = (
     "dbus",
     "open-iscsi",
     "sg3-utils",
+    # Ceph: a one-mon, one-OSD cluster inside the VM (tests/ceph/cluster.py),
+    # and the rbd CLI with its udev rule (/dev/rbd/<pool>/<image>) for krbd
+    "ceph-mon",
+    "ceph-osd",
+    "ceph-common",
     # libvirt with its own TCG guests inside the VM
     "libvirt-daemon",
     "libvirt-daemon-driver-qemu",

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from hostagent.connectors import ConnectorError, HostDevice, InvalidTarget
+from hostagent.connectors.base import scrub
 from hostagent.connectors.rbd import SECRET_NAMESPACE, RBDConnector, cephx_key
 from hostagent.libvirt_xml.policy import NetworkSource
 from hostagent.render import disk_source
@@ -44,12 +45,17 @@ class RecordingSecretKeeper:
 class RecordingBrickRBD:
     """Stands in for os-brick's RBDConnector with do_local_attach (rbd map)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conf: str = "/tmp/brickrbd_recorded") -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.conf = conf
 
     def connect_volume(self, properties: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("map", properties))
-        return {"path": "/dev/rbd0", "type": "block"}
+        return {"path": "/dev/rbd0", "type": "block", "conf": self.conf}
+
+    def create_non_openstack_config(self, properties: dict[str, Any]) -> str:
+        self.calls.append(("write conf", properties))
+        return "/tmp/brickrbd_new"
 
     def disconnect_volume(self, properties: dict[str, Any], device_info: dict[str, Any]) -> None:
         self.calls.append(("unmap", {**properties, **device_info}))
@@ -153,8 +159,10 @@ def test_bad_rbd_targets_are_refused(data: dict[str, Any], message: str) -> None
         RBDConnector(secrets=RecordingSecretKeeper()).parse_target(data)
 
 
-def test_krbd_maps_once_and_unmaps_with_what_map_returned() -> None:
-    brick = RecordingBrickRBD()
+def test_krbd_maps_once_and_unmaps_with_what_map_returned(tmp_path: Any) -> None:
+    conf = tmp_path / "brickrbd_x"
+    conf.write_text("[global]\n")
+    brick = RecordingBrickRBD(str(conf))
     connector = RBDConnector(attach_mode="krbd", brick=brick)
     keyring = f"[client.cinder]\n\tkey = {KEY}\n"
     target = connector.parse_target(cinder_data(keyring=keyring))
@@ -164,6 +172,32 @@ def test_krbd_maps_once_and_unmaps_with_what_map_returned() -> None:
     (_, mapped), (_, unmapped) = brick.calls
     assert mapped["do_local_attach"] is True and mapped["keyring"] == keyring
     assert unmapped["path"] == "/dev/rbd0"
+    assert unmapped["conf"] == str(conf), "the map's own conf while it exists"
+
+
+def test_krbd_takes_a_bare_key_as_keyring_text() -> None:
+    brick = RecordingBrickRBD()
+    connector = RBDConnector(attach_mode="krbd", brick=brick)
+    connector.connect(connector.parse_target(cinder_data(key=KEY)))
+    ((_, mapped),) = brick.calls
+    assert mapped["keyring"] == f"[client.cinder]\n\tkey = {KEY}\n"
+
+
+def test_krbd_unmaps_after_a_restart_that_emptied_tmp() -> None:
+    brick = RecordingBrickRBD("/tmp/brickrbd_gone_with_the_restart")
+    connector = RBDConnector(attach_mode="krbd", brick=brick)
+    target = connector.parse_target(cinder_data(key=KEY))
+    device = connector.connect(target)
+    connector.disconnect(target, device)
+    assert [c for c, _ in brick.calls] == ["map", "write conf", "unmap"]
+    assert brick.calls[-1][1]["conf"] == "/tmp/brickrbd_new"
+
+
+def test_error_scrubbing_blanks_secrets_not_what_names_them() -> None:
+    props = cinder_data(key=KEY, secret_uuid="7d7c3e7e-0000-4000-8000-00000000abcd")
+    message = scrub(f"rbd --id cinder --key {KEY} on ceph pool, secret type ceph", props)
+    assert KEY not in message
+    assert "ceph pool" in message and "type ceph" in message
 
 
 def test_key_parsing() -> None:
