@@ -17,8 +17,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,27 @@ from hostagent.errors import (
     VolumeAlreadyAttached,
     VolumeNotMultiattach,
 )
+from hostagent.records import (
+    AttachmentRecord,
+    AttachmentState,
+    ConnectionRecord,
+    ConnectionState,
+    Tombstone,
+    attachment_from_row,
+    connection_from_row,
+)
+
+# The records are defined in hostagent.records; callers import them from here.
+__all__ = [
+    "AttachmentRecord",
+    "AttachmentState",
+    "ConnectionRecord",
+    "ConnectionReleasing",
+    "ConnectionState",
+    "Store",
+    "StoreError",
+    "Tombstone",
+]
 
 SCHEMA_VERSION = 1
 
@@ -84,103 +103,6 @@ class StoreError(RuntimeError):
 
 class ConnectionReleasing(RuntimeError):
     """The connection is being disconnected; wait for its lock, then try again."""
-
-
-class AttachmentState(StrEnum):
-    ATTACHING = "attaching"
-    ATTACHED = "attached"
-    DETACHING = "detaching"
-
-
-class ConnectionState(StrEnum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DISCONNECTING = "disconnecting"
-
-
-@dataclass(frozen=True)
-class ConnectionRecord:
-    """One host connection; ``connection_data`` is what os-brick needs to disconnect."""
-
-    connection_key: str
-    driver_volume_type: str
-    connection_data: Mapping[str, Any] = field(repr=False)
-    disk_format: str
-    state: ConnectionState
-    boot_id: str
-    created_at: float
-    device_path: str | None = None
-    device_info: Mapping[str, Any] | None = field(default=None, repr=False)
-    connected_at: float | None = None
-
-
-@dataclass(frozen=True)
-class AttachmentRecord:
-    """One guest's use of a host connection."""
-
-    attachment_id: str
-    volume_id: str
-    domain_uuid: str
-    domain_name: str
-    connection_key: str
-    state: AttachmentState
-    multiattach: bool
-    mode: str
-    bus: str
-    serial: str
-    alias: str
-    request_hash: str
-    created_at: float
-    updated_at: float
-    target_dev: str | None = None
-    disk_xml: str | None = None
-
-
-@dataclass(frozen=True)
-class Tombstone:
-    """A finished detach; ``result`` is the DELETE body, replayed on a retry."""
-
-    attachment_id: str
-    volume_id: str
-    domain_uuid: str
-    result: Mapping[str, Any]
-    detached_at: float
-
-
-def _connection_from_row(row: sqlite3.Row) -> ConnectionRecord:
-    return ConnectionRecord(
-        connection_key=row["connection_key"],
-        driver_volume_type=row["driver_volume_type"],
-        connection_data=json.loads(row["connection_data"]),
-        disk_format=row["disk_format"],
-        state=ConnectionState(row["state"]),
-        boot_id=row["boot_id"],
-        created_at=row["created_at"],
-        device_path=row["device_path"],
-        device_info=json.loads(row["device_info"]) if row["device_info"] else None,
-        connected_at=row["connected_at"],
-    )
-
-
-def _attachment_from_row(row: sqlite3.Row) -> AttachmentRecord:
-    return AttachmentRecord(
-        attachment_id=row["attachment_id"],
-        volume_id=row["volume_id"],
-        domain_uuid=row["domain_uuid"],
-        domain_name=row["domain_name"],
-        connection_key=row["connection_key"],
-        state=AttachmentState(row["state"]),
-        multiattach=bool(row["multiattach"]),
-        mode=row["mode"],
-        bus=row["bus"],
-        serial=row["serial"],
-        alias=row["alias"],
-        request_hash=row["request_hash"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        target_dev=row["target_dev"],
-        disk_xml=row["disk_xml"],
-    )
 
 
 class Store:
@@ -264,7 +186,7 @@ class Store:
 
     def get_attachment(self, attachment_id: str) -> AttachmentRecord | None:
         rows = self._read("SELECT * FROM attachments WHERE attachment_id = ?", (attachment_id,))
-        return _attachment_from_row(rows[0]) if rows else None
+        return attachment_from_row(rows[0]) if rows else None
 
     def list_attachments(
         self, *, connection_key: str | None = None, domain_uuid: str | None = None
@@ -277,15 +199,15 @@ class Store:
             sql += " AND domain_uuid = ?"
             params.append(domain_uuid)
         rows = self._read(sql + " ORDER BY created_at, attachment_id", tuple(params))
-        return [_attachment_from_row(r) for r in rows]
+        return [attachment_from_row(r) for r in rows]
 
     def get_connection(self, connection_key: str) -> ConnectionRecord | None:
         rows = self._read("SELECT * FROM connections WHERE connection_key = ?", (connection_key,))
-        return _connection_from_row(rows[0]) if rows else None
+        return connection_from_row(rows[0]) if rows else None
 
     def list_connections(self) -> list[ConnectionRecord]:
         rows = self._read("SELECT * FROM connections ORDER BY created_at, connection_key")
-        return [_connection_from_row(r) for r in rows]
+        return [connection_from_row(r) for r in rows]
 
     def refcount(self, connection_key: str) -> int:
         """Attachments (any state) that use the connection: the derived refcount."""
@@ -350,7 +272,7 @@ class Store:
                     "use a fresh id for a new attach"
                 )
             others = [
-                _attachment_from_row(r)
+                attachment_from_row(r)
                 for r in db.execute(
                     "SELECT * FROM attachments WHERE (volume_id = ? OR connection_key = ?)"
                     " AND attachment_id != ?",
@@ -399,7 +321,7 @@ class Store:
             row = db.execute(
                 "SELECT * FROM connections WHERE connection_key = ?", (connection.connection_key,)
             ).fetchone()
-            return _connection_from_row(row)
+            return connection_from_row(row)
 
     def _insert_attachment(self, db: sqlite3.Connection, a: AttachmentRecord) -> None:
         now = self._clock()
