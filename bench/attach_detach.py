@@ -54,6 +54,8 @@ class Samples:
     detach: list[float] = field(default_factory=list)
     wall: float = 0.0
     daemon_cpu: float = 0.0
+    libvirtd_cpu: float = 0.0
+    busy: float = 0.0  # CPU seconds the whole machine spent (all cores), during the runs
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, attach: float, detach: float) -> None:
@@ -63,6 +65,9 @@ class Samples:
 
     def cycles_per_second(self) -> float:
         return len(self.attach) / self.wall if self.wall else 0.0
+
+
+CORES = os.cpu_count() or 1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,6 +106,21 @@ class RemovalEvents:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def libvirtd_pid() -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "libvirtd":
+                    return int(entry.name)
+    raise RuntimeError("libvirtd is not running")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent on anything but idle and iowait, since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def qemu_cpu_seconds(guest: Guest) -> float:
@@ -182,7 +202,14 @@ def report(name: str, agent: Samples, raw: Samples) -> list[str]:
         f"throughput: hostagent {agent.cycles_per_second():.1f} cycles/s, raw "
         f"{raw.cycles_per_second():.1f} cycles/s, hostagent/raw "
         f"{agent.cycles_per_second() / raw.cycles_per_second():.2f}",
-        f"hostagentd CPU per cycle: {agent.daemon_cpu / len(agent.attach) * 1000:.1f} ms",
+        f"CPU per cycle: hostagentd {agent.daemon_cpu / len(agent.attach) * 1000:.1f} ms; "
+        f"libvirtd {agent.libvirtd_cpu / len(agent.attach) * 1000:.1f} ms with hostagent, "
+        f"{raw.libvirtd_cpu / len(raw.attach) * 1000:.1f} ms raw; whole machine "
+        f"{agent.busy / len(agent.attach) * 1000:.1f} ms with hostagent, "
+        f"{raw.busy / len(raw.attach) * 1000:.1f} ms raw",
+        f"machine CPU use: {agent.busy / agent.wall / CORES * 100:.0f} % of "
+        f"{CORES} cores with hostagent, "
+        f"{raw.busy / raw.wall / CORES * 100:.0f} % raw",
         "",
     ]
     return lines
@@ -222,10 +249,15 @@ def measure(
 ) -> None:
     """Run every entry of ``plan`` once per round, so drift hits all of them equally."""
     assert daemon.process is not None
+    libvirtd = libvirtd_pid()
     for _ in range(rounds):
         for target, cycle, streams in plan:
             cpu_before = cpu_seconds(daemon.process.pid)
+            libvirtd_before = cpu_seconds(libvirtd)
+            busy_before = machine_busy_seconds()
             part = run_streams(streams, per_round, cycle)
+            target.busy += machine_busy_seconds() - busy_before
+            target.libvirtd_cpu += cpu_seconds(libvirtd) - libvirtd_before
             target.daemon_cpu += cpu_seconds(daemon.process.pid) - cpu_before
             target.attach += part.attach
             target.detach += part.detach

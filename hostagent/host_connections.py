@@ -297,6 +297,8 @@ class HostConnections:
         ]
         if users or connection.device_path is None:
             return users
+        # After the domain scan, not beside it: run together, the two contend
+        # for the GIL and took longer than one after the other (measured).
         return [
             f"process {holder.pid} ({holder.command}) that holds it open"
             for holder in processes_holding(connection.device_path)

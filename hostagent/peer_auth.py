@@ -30,7 +30,10 @@ class Peer:
     pid: int
     uid: int
     gid: int
-    groups: frozenset[int]
+
+    def groups(self) -> frozenset[int]:
+        """Supplementary groups, read from /proc only when a check needs them."""
+        return _supplementary_groups(self.pid)
 
 
 def _supplementary_groups(pid: int) -> frozenset[int]:
@@ -51,7 +54,7 @@ def peer_of(sock: socket.socket) -> Peer | None:
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
-    return Peer(pid, uid, gid, _supplementary_groups(pid))
+    return Peer(pid, uid, gid)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class PeerPolicy:
             peer.uid == 0
             or peer.uid in self.allowed_uids
             or peer.gid in self.allowed_gids
-            or bool(peer.groups & self.allowed_gids)
+            or bool(self.allowed_gids and peer.groups() & self.allowed_gids)
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -89,6 +91,43 @@ def test_disk_added_by_hand_keeps_the_host_connection(
     assert theirs.name in report.actions[0].detail
 
     theirs.dom.destroy()
+    report = client.reconcile()
+    assert [a.action for a in report.actions] == ["disconnected"]
+    assert client.connections().connections == []
+
+
+def test_a_process_holding_the_device_keeps_the_host_connection(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    """No domain names the device, yet a process has it open (as a QEMU left
+    with a disk libvirt lost track of would): the last detach keeps it."""
+    daemon = daemon_factory()
+    client = daemon.client
+    device = loops.make()
+    guest = guests.make()
+    attachment_id = unique("att")
+    client.attach(attachment_id, local_request(device, guest, volume_id="v"))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; os.open(sys.argv[1], os.O_RDONLY); "
+            "print('open', flush=True); time.sleep(120)",
+            device,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        result = client.detach(attachment_id)
+        assert (result.host_disconnected, result.terminate_connection) == (False, False)
+        [connection] = client.connections().connections
+        assert connection.state == "connected" and connection.host_refcount == 0
+        assert f"process {holder.pid} (python" in daemon.log()
+    finally:
+        holder.kill()
+        holder.wait()
     report = client.reconcile()
     assert [a.action for a in report.actions] == ["disconnected"]
     assert client.connections().connections == []

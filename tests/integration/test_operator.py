@@ -214,14 +214,14 @@ def unprivileged_user() -> Iterator[pwd.struct_passwd]:
 
 
 def as_user(
-    user: pwd.struct_passwd, socket_path: Path, *args: str
+    user: pwd.struct_passwd, socket_path: Path, *args: str, groups: tuple[int, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             "setpriv",
             f"--reuid={user.pw_uid}",
             f"--regid={user.pw_gid}",
-            "--clear-groups",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
             sys.executable,
             "-m",
             "hostagent.cli",
@@ -264,6 +264,15 @@ def test_only_root_and_allowed_peers_may_call(
         allowing.socket_path.chmod(0o666)
         allowed = as_user(user, allowing.socket_path, "list")
         assert allowed.returncode == 0, allowed.stderr
+
+    # A supplementary group counts too (read from /proc only for such a check).
+    extra_gid = 4242
+    by_group = daemon_factory(**{"api.allowed_gids": str(extra_gid)})
+    by_group.socket_path.parent.chmod(0o755)
+    by_group.socket_path.chmod(0o666)
+    assert as_user(user, by_group.socket_path, "list").returncode == 2
+    member = as_user(user, by_group.socket_path, "list", groups=(extra_gid,))
+    assert member.returncode == 0, member.stderr
 
 
 def test_connector_reports_do_local_attach_in_krbd_mode(daemon_factory: DaemonFactory) -> None:
