@@ -116,8 +116,13 @@ def rebuild(service: AttachmentService) -> int:
 
 
 def warn_about_unrecorded_disks(service: AttachmentService) -> None:
-    """A first start is normal, unless guests already hold disks this agent made."""
-    found = unrecorded_disks(service)
+    """A first start is normal, unless guests already hold disks this agent made.
+    Only a warning: if libvirt cannot be read now, serving still starts."""
+    try:
+        found = unrecorded_disks(service)
+    except HostagentError as exc:
+        LOG.warning("could not look for disks made by an earlier hostagent: %s", exc.message)
+        return
     if found:
         LOG.error(
             "there was no state file at %s, but guests hold %d disks made by hostagent (%s). "

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from hostagent.errors import DomainNotFound
 from hostagent.guests import DomainInfo
 from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
 from hostagent.service import AttachmentService
@@ -42,10 +43,13 @@ def agent_disks(service: AttachmentService) -> list[FoundDisk]:
     found: dict[tuple[str, str], FoundDisk] = {}
     for domain in service.guests.list_domains():
         views = []
-        if domain.persistent:
-            views.append(service.guests.domain_xml(domain.uuid, inactive=True))
-        if domain.active:
-            views.append(service.guests.domain_xml(domain.uuid))
+        try:
+            if domain.persistent:
+                views.append(service.guests.domain_xml(domain.uuid, inactive=True))
+            if domain.active:
+                views.append(service.guests.domain_xml(domain.uuid))
+        except DomainNotFound:  # undefined since the listing: it holds nothing now
+            continue
         for xml in views:
             for disk in parse_domain(xml).disks:
                 if disk.alias and disk.alias.startswith(ALIAS_PREFIX):

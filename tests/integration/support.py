@@ -199,10 +199,25 @@ def remove_domain(conn: Any, domain_uuid: str) -> None:
             dom.undefine()
 
 
+def _owner_alive(name: str) -> bool:
+    """Whether the test process that made guest ``name`` (``<prefix><pid>-<n>``) runs."""
+    pid = name[len(GUEST_PREFIX) :].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_guests(conn: Any) -> None:
-    """Domains left by an earlier, killed test run."""
+    """Domains left by an earlier, killed test run (not those of a run still going)."""
     for dom in conn.listAllDomains(0):
-        if dom.name().startswith(GUEST_PREFIX):
+        name = dom.name()
+        if name.startswith(GUEST_PREFIX) and not _owner_alive(name):
             remove_domain(conn, dom.UUIDString())
 
 
@@ -347,15 +362,15 @@ def assert_consistent(client: HostagentClient, guests: list[Guest]) -> None:
                 assert f"local:{device}" in connections, f"{device} of {name} was disconnected"
     for attachment in attachments.values():
         assert attachment.state in ("attached", "detaching"), attachment
-        guest = next((g for g in guests if g.uuid == attachment.domain_uuid), None)
-        if guest is None:
+        owner = next((g for g in guests if g.uuid == attachment.domain_uuid), None)
+        if owner is None:
             continue
-        alias = f"ua-{attachment.attachment_id}"
-        present = guest.disk(alias) is not None or (
-            guest.persistent and guest.disk(alias, inactive=True) is not None
+        user_alias = f"ua-{attachment.attachment_id}"
+        present = owner.disk(user_alias) is not None or (
+            owner.persistent and owner.disk(user_alias, inactive=True) is not None
         )
         if attachment.state == "attached":
-            assert present, f"{alias} recorded attached but not on {guest.name}"
+            assert present, f"{user_alias} recorded attached but not on {owner.name}"
     for key, connection in connections.items():
         users = [a for a in attachments.values() if a.connection_key == key]
         assert users, f"connection {key} has no users"

@@ -126,7 +126,7 @@ def journal_socket() -> Iterator[socket.socket]:
 
 
 def journal_entries(sock: socket.socket) -> list[dict[str, str]]:
-    entries = []
+    entries: list[dict[str, str]] = []
     while True:
         try:
             datagram = sock.recv(1 << 20)

@@ -1,0 +1,80 @@
+"""A domain that goes away between the listing and the read of its XML.
+
+Real libvirt and guests; the race is made certain by a ``Guests`` whose
+listing destroys one of the (transient) guests it has just listed, as an
+operator's ``virsh destroy`` at that moment would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostagent.connectors import ConnectorRegistry
+from hostagent.connectors.local import LocalConnector
+from hostagent.daemon import warn_about_unrecorded_disks
+from hostagent.guests import DomainInfo
+from hostagent.guests import Guests as HostGuests
+from hostagent.locks import HostLocks
+from hostagent.rebuild import unrecorded_disks
+from hostagent.service import AttachmentService, ServiceSettings
+from hostagent.store import Store
+from tests.integration.support import Guest, Guests, LoopDevices
+
+
+class GuestsLosingOneAfterListing(HostGuests):
+    """hostagent's Guests, destroying ``victim`` right after each listing."""
+
+    victim: Guest | None = None
+
+    def list_domains(self) -> list[DomainInfo]:
+        listed = super().list_domains()
+        if self.victim is not None:
+            self.victim.dom.destroy()
+            self.victim = None
+        return listed
+
+
+@pytest.fixture
+def host_guests() -> Iterator[GuestsLosingOneAfterListing]:
+    guests = GuestsLosingOneAfterListing("qemu:///system", connections=1)
+    guests.start()
+    yield guests
+    guests.stop()
+
+
+def test_startup_scan_skips_a_domain_that_vanished(
+    tmp_path: Path,
+    host_guests: GuestsLosingOneAfterListing,
+    guests: Guests,
+    loops: LoopDevices,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service = AttachmentService(
+        store=Store(tmp_path / "state.sqlite3"),
+        guests=host_guests,
+        registry=ConnectorRegistry({"local": LocalConnector()}),
+        locks=HostLocks(tmp_path / "locks"),
+        settings=ServiceSettings(),
+    )
+    holder, vanishing = guests.make(), guests.make()
+    device = loops.make()
+    holder.attach_raw(
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        f"<source dev='{device}'/><target dev='sdb' bus='scsi'/><shareable/>"
+        "<alias name='ua-left-behind'/>"
+        "<address type='drive' controller='0' bus='0' target='0' unit='1'/></disk>"
+    )
+
+    host_guests.victim = vanishing
+    [found] = unrecorded_disks(service)
+    assert (found.domain.name, found.disk.alias) == (holder.name, "ua-left-behind")
+    assert vanishing.name not in [d.name for d in host_guests.list_domains()]
+
+    # What a first start runs: it warns about the other guest's disk, and a
+    # vanishing domain does not stop the daemon from starting.
+    host_guests.victim = guests.make()
+    warn_about_unrecorded_disks(service)
+    assert "ua-left-behind on " + holder.name in caplog.text
