@@ -187,7 +187,7 @@ def test_libvirtd_killed_under_load_gives_503s_then_everything_reconnects(
     assert statuses, "the kill should have hit some requests"
     assert {code for _, code in statuses} <= {"libvirt_unavailable", "libvirt_error"}, statuses
     assert "libvirt_unavailable" in {code for _, code in statuses}
-    assert_consistent(client, domains)
+    assert_consistent(client, domains, orphans_allowed=True)
     assert "after libvirt connect reconcile" in daemon.log()
 
     # Events are registered again: a removal is seen at once, not at the next
