@@ -42,5 +42,6 @@ setup(
             "hostagentctl = hostagent.cli:main",
         ],
         "oslo.config.opts": ["hostagent = hostagent.conf:list_opts"],
+        "oslo.config.opts.defaults": ["hostagent = hostagent.conf:update_log_defaults"],
     },
 )

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Sequence
 
 from oslo_config import cfg, types
-from oslo_log import log
+from oslo_log import _options, log
 
 from hostagent import __version__
 from hostagent.logctx import CONTEXT_FORMAT, DEFAULT_FORMAT
@@ -159,6 +159,28 @@ GROUPS: dict[str, list[cfg.Opt]] = {
 }
 
 
+# hostagentd's defaults for oslo.log's options (stderr, which systemd puts in
+# the journal; lines that name their request, attachment and volume).
+LOG_DEFAULTS: dict[str, object] = {
+    "use_stderr": True,
+    "logging_context_format_string": CONTEXT_FORMAT,
+    "logging_default_format_string": DEFAULT_FORMAT,
+    "default_log_levels": NOISY_LIBRARIES,
+}
+
+
+def update_log_defaults() -> None:
+    """oslo-config-generator hook (``oslo.config.opts.defaults``): the sample
+    shows hostagentd's oslo.log defaults, not the library's."""
+    every_log_opt = [
+        *_options.common_cli_opts,
+        *_options.logging_cli_opts,
+        *_options.generic_log_opts,
+        *_options.log_opts,
+    ]
+    cfg.set_defaults(every_log_opt, **LOG_DEFAULTS)
+
+
 def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
     """Parse ``argv`` and the config files into a fresh ConfigOpts.
 
@@ -168,10 +190,8 @@ def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
     """
     conf = cfg.ConfigOpts()
     log.register_options(conf)
-    conf.set_default("use_stderr", True)
-    conf.set_default("logging_context_format_string", CONTEXT_FORMAT)
-    conf.set_default("logging_default_format_string", DEFAULT_FORMAT)
-    conf.set_default("default_log_levels", NOISY_LIBRARIES)
+    for name, value in LOG_DEFAULTS.items():
+        conf.set_default(name, value)
     conf.register_cli_opts(DEFAULT_OPTS)
     conf.register_cli_opts(CLI_ONLY_OPTS)
     for group, opts in GROUPS.items():

@@ -1,0 +1,39 @@
+"""hostagentd's configuration: its oslo.log defaults, in the daemon and in the sample."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hostagent.conf import LOG_DEFAULTS, load_config
+from hostagent.logctx import CONTEXT_FORMAT
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_the_daemon_starts_with_hostagents_log_defaults() -> None:
+    conf = load_config([])
+    for name, value in LOG_DEFAULTS.items():
+        assert getattr(conf, name) == value, name
+
+
+def test_the_generated_sample_shows_hostagents_log_defaults(tmp_path: Path) -> None:
+    """oslo-config-generator runs our ``oslo.config.opts.defaults`` hook, so an
+    operator reading the sample sees the format hostagentd really uses."""
+    sample = tmp_path / "hostagent.conf.sample"
+    subprocess.run(
+        [
+            Path(sys.executable).parent / "oslo-config-generator",
+            "--config-file",
+            ROOT / "etc/hostagent/config-generator.conf",
+            "--output-file",
+            sample,
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    lines = sample.read_text().splitlines()
+    assert f"#logging_context_format_string = {CONTEXT_FORMAT}" in lines
+    assert "#use_stderr = true" in lines
+    assert any(line.startswith("#default_log_levels = os_brick=WARNING") for line in lines)
