@@ -128,7 +128,7 @@ for m in virtio_pci virtio_blk; do
     { echo "the initramfs has no $m: the root disk would not be found" >&2; exit 1; }
 done
 for m in 9p 9pnet_virtio target_core_mod target_core_file iscsi_target_mod iscsi_tcp \
-    scsi_transport_iscsi sd_mod virtio_scsi loop configfs rbd libceph; do
+    scsi_transport_iscsi sd_mod virtio_scsi loop configfs rbd libceph dm_multipath; do
   in_root modinfo -k "$kver" "$m" >/dev/null || { echo "kernel $kver has no $m" >&2; exit 1; }
 done
 echo "kernel $kver; initramfs $(wc -l <"$root/tmp/initrd-files") files, virtio ok"

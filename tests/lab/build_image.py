@@ -45,6 +45,7 @@ PACKAGES = (
     "dbus",
     "open-iscsi",
     "sg3-utils",
+    "multipath-tools",
     # Ceph: a one-mon, one-OSD cluster inside the VM (tests/ceph/cluster.py),
     # and the rbd CLI with its udev rule (/dev/rbd/<pool>/<image>) for krbd
     "ceph-mon",
