@@ -15,9 +15,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from hostagent.errors import DomainNotFound
 from hostagent.guests import DomainInfo
 from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
+from hostagent.references import scan_domain_xml
 from hostagent.service import AttachmentService
 from hostagent.store import AttachmentRecord, AttachmentState, ConnectionRecord, ConnectionState
 
@@ -41,19 +41,11 @@ class FoundDisk:
 def agent_disks(service: AttachmentService) -> list[FoundDisk]:
     """Every disk with a ``ua-`` alias in any domain (config first, then live)."""
     found: dict[tuple[str, str], FoundDisk] = {}
-    for domain in service.guests.list_domains():
-        views = []
-        try:
-            if domain.persistent:
-                views.append(service.guests.domain_xml(domain.uuid, inactive=True))
-            if domain.active:
-                views.append(service.guests.domain_xml(domain.uuid))
-        except DomainNotFound:  # undefined since the listing: it holds nothing now
-            continue
-        for xml in views:
-            for disk in parse_domain(xml).disks:
-                if disk.alias and disk.alias.startswith(ALIAS_PREFIX):
-                    found.setdefault((domain.uuid, disk.alias), FoundDisk(domain, disk))
+    views = scan_domain_xml(service.guests)
+    for view in sorted(views, key=lambda v: v.where != "config"):  # stable: config first
+        for disk in parse_domain(view.xml).disks:
+            if disk.alias and disk.alias.startswith(ALIAS_PREFIX):
+                found.setdefault((view.domain.uuid, disk.alias), FoundDisk(view.domain, disk))
     return list(found.values())
 
 

@@ -71,18 +71,26 @@ class DomainDisk:
     disk: DiskRef
 
 
-def _disks_of(guests: Guests, domain: DomainInfo) -> list[DomainDisk]:
-    disks: list[DomainDisk] = []
+@dataclass(frozen=True)
+class DomainXml:
+    """A domain's live XML or its persistent config, as libvirt gave it."""
+
+    domain: DomainInfo
+    where: Literal["live", "config"]
+    xml: str
+
+
+def _xml_of(guests: Guests, domain: DomainInfo) -> list[DomainXml]:
+    views: list[DomainXml] = []
     try:
         if domain.active:
-            live = parse_disk_refs(guests.domain_xml(domain.uuid))
-            disks += [DomainDisk(domain, "live", d) for d in live.disks]
+            views.append(DomainXml(domain, "live", guests.domain_xml(domain.uuid)))
         if domain.persistent:
-            config = parse_disk_refs(guests.domain_xml(domain.uuid, inactive=True))
-            disks += [DomainDisk(domain, "config", d) for d in config.disks]
+            config = guests.domain_xml(domain.uuid, inactive=True)
+            views.append(DomainXml(domain, "config", config))
     except DomainNotFound:  # undefined while we looked: it holds nothing any more
         return []
-    return disks
+    return views
 
 
 # XML of many domains is fetched concurrently: the round trips overlap on
@@ -90,17 +98,27 @@ def _disks_of(guests: Guests, domain: DomainInfo) -> list[DomainDisk]:
 _FETCHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="domain-scan")
 
 
-def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
-    """Every disk of every domain, live and config.
+def scan_domain_xml(guests: Guests) -> list[DomainXml]:
+    """The live XML and persistent config of every domain, skipping domains
+    undefined since the listing.
 
     Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
     taken as "unused".
     """
     domains = guests.list_domains()
     if len(domains) <= 1:
-        return [dd for domain in domains for dd in _disks_of(guests, domain)]
-    per_domain = _FETCHERS.map(lambda domain: _disks_of(guests, domain), domains)
-    return [dd for disks in per_domain for dd in disks]
+        return [view for domain in domains for view in _xml_of(guests, domain)]
+    per_domain = _FETCHERS.map(lambda domain: _xml_of(guests, domain), domains)
+    return [view for views in per_domain for view in views]
+
+
+def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
+    """Every disk of every domain, live and config (see ``scan_domain_xml``)."""
+    return [
+        DomainDisk(view.domain, view.where, disk)
+        for view in scan_domain_xml(guests)
+        for disk in parse_disk_refs(view.xml).disks
+    ]
 
 
 class NetworkDiskMatcher:

@@ -1,18 +1,16 @@
 """Durable state in sqlite: host connections, attachments, tombstones.
 
-WAL journal with ``synchronous=FULL``: a committed step survives a crash or a
-power cut. The refcount of a connection is never stored; it is the number of
-attachment rows that reference it (any state), so it cannot drift from them.
-Every check-and-write runs in one ``BEGIN IMMEDIATE`` transaction, so two
-requests can never both pass a conflict check. The file holds what os-brick
-needs to disconnect (possibly credentials), hence mode 0600.
+The file, its schema and its pragmas are ``hostagent.state_file``'s. The
+refcount of a connection is never stored; it is the number of attachment
+rows that reference it (any state), so it cannot drift from them. Every
+check-and-write runs in one ``BEGIN IMMEDIATE`` transaction, so two requests
+can never both pass a conflict check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -35,6 +33,7 @@ from hostagent.records import (
     attachment_from_row,
     connection_from_row,
 )
+from hostagent.state_file import StoreError, open_state_file
 
 # The records are defined in hostagent.records; callers import them from here.
 __all__ = [
@@ -47,58 +46,6 @@ __all__ = [
     "StoreError",
     "Tombstone",
 ]
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS connections (
-    connection_key     TEXT PRIMARY KEY,
-    driver_volume_type TEXT NOT NULL,
-    connection_data    TEXT NOT NULL,
-    disk_format        TEXT NOT NULL,
-    device_path        TEXT,
-    device_info        TEXT,
-    state              TEXT NOT NULL
-        CHECK (state IN ('connecting', 'connected', 'disconnecting')),
-    boot_id            TEXT NOT NULL,
-    created_at         REAL NOT NULL,
-    connected_at       REAL
-);
-CREATE TABLE IF NOT EXISTS attachments (
-    attachment_id  TEXT PRIMARY KEY,
-    volume_id      TEXT NOT NULL,
-    domain_uuid    TEXT NOT NULL,
-    domain_name    TEXT NOT NULL,
-    connection_key TEXT NOT NULL REFERENCES connections (connection_key),
-    state          TEXT NOT NULL CHECK (state IN ('attaching', 'attached', 'detaching')),
-    multiattach    INTEGER NOT NULL,
-    mode           TEXT NOT NULL,
-    bus            TEXT NOT NULL,
-    serial         TEXT NOT NULL,
-    alias          TEXT NOT NULL,
-    request_hash   TEXT NOT NULL,
-    target_dev     TEXT,
-    disk_xml       TEXT,
-    created_at     REAL NOT NULL,
-    updated_at     REAL NOT NULL,
-    UNIQUE (domain_uuid, volume_id),
-    UNIQUE (domain_uuid, connection_key),
-    UNIQUE (domain_uuid, target_dev)
-);
-CREATE INDEX IF NOT EXISTS attachments_by_connection ON attachments (connection_key);
-CREATE INDEX IF NOT EXISTS attachments_by_volume ON attachments (volume_id);
-CREATE TABLE IF NOT EXISTS tombstones (
-    attachment_id TEXT PRIMARY KEY,
-    volume_id     TEXT NOT NULL,
-    domain_uuid   TEXT NOT NULL,
-    result        TEXT NOT NULL,
-    detached_at   REAL NOT NULL
-);
-"""
-
-
-class StoreError(RuntimeError):
-    """The state file cannot be used (corrupt, newer schema, unreadable)."""
 
 
 class ConnectionReleasing(RuntimeError):
@@ -119,36 +66,7 @@ class Store:
         self._mutex = threading.RLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._check_and_migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"state file {path} is unusable: {exc}") from exc
-
-    def _check_and_migrate(self) -> None:
-        db = self._db
-        result = db.execute("PRAGMA quick_check").fetchone()[0]
-        if result != "ok":
-            raise StoreError(f"state file {self.path} failed integrity check: {result}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"state file {self.path} has schema {version}, newer than this "
-                f"hostagent's {SCHEMA_VERSION}"
-            )
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        for sidecar in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(f"{self.path}{sidecar}", 0o600)
+        self._db = open_state_file(path)
 
     def close(self) -> None:
         with self._mutex:

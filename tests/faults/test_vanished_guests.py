@@ -9,7 +9,7 @@ from collections.abc import Callable
 from hostagent.client import ApiError, HostagentClient
 from hostagent.models import DetachResult
 from tests.conftest import DaemonFactory
-from tests.integration.support import Guests, LoopDevices, local_request, unique
+from tests.integration.support import Guests, LoopDevices, hand_made_disk, local_request, unique
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -132,11 +132,7 @@ def test_periodic_reconcile_is_the_safety_net(
     ours, theirs = guests.make(), guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, ours, volume_id="v", multiattach=True))
-    theirs.attach_raw(
-        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
-        f"<source dev='{device}'/><target dev='sdz' bus='scsi'/><shareable/>"
-        "<address type='drive' controller='0' bus='0' target='0' unit='9'/></disk>"
-    )
+    theirs.attach_raw(hand_made_disk(device, target_dev="sdz", unit=9))
     assert client.detach(attachment_id).host_disconnected is False
     assert client.connections().connections, "kept for the hand-added disk"
     theirs.dom.detachDeviceFlags(

@@ -159,6 +159,17 @@ class Guest:
         self.dom.attachDeviceFlags(xml, flags)
 
 
+def hand_made_disk(device: str, *, target_dev: str, unit: int, alias: str | None = None) -> str:
+    """A shareable SCSI disk on ``device``, as an operator would hand to virsh."""
+    alias_xml = f"<alias name='{alias}'/>" if alias else ""
+    return (
+        "<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        f"<source dev='{device}'/><target dev='{target_dev}' bus='scsi'/><shareable/>"
+        f"{alias_xml}<address type='drive' controller='0' bus='0' target='0' unit='{unit}'/>"
+        "</disk>"
+    )
+
+
 class Guests:
     """Creates guests and removes every one of them at cleanup."""
 

@@ -12,7 +12,7 @@ import pytest
 
 from hostagent.client import ApiError
 from tests.conftest import DaemonFactory
-from tests.integration.support import Guests, LoopDevices, local_request, unique
+from tests.integration.support import Guests, LoopDevices, hand_made_disk, local_request, unique
 
 
 def test_guest_that_never_releases_gets_504_and_keeps_the_connection(
@@ -72,11 +72,7 @@ def test_disk_added_by_hand_keeps_the_host_connection(
     ours, theirs = guests.make(), guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, ours, volume_id="v", multiattach=True))
-    theirs.attach_raw(
-        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
-        f"<source dev='{device}'/><target dev='sdz' bus='scsi'/><shareable/>"
-        "<address type='drive' controller='0' bus='0' target='0' unit='9'/></disk>"
-    )
+    theirs.attach_raw(hand_made_disk(device, target_dev="sdz", unit=9))
 
     result = client.detach(attachment_id)
     assert result.host_refcount == 0

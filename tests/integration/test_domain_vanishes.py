@@ -21,7 +21,7 @@ from hostagent.locks import HostLocks
 from hostagent.rebuild import unrecorded_disks
 from hostagent.service import AttachmentService, ServiceSettings
 from hostagent.store import Store
-from tests.integration.support import Guest, Guests, LoopDevices
+from tests.integration.support import Guest, Guests, LoopDevices, hand_made_disk
 
 
 class GuestsLosingOneAfterListing(HostGuests):
@@ -61,12 +61,7 @@ def test_startup_scan_skips_a_domain_that_vanished(
     )
     holder, vanishing = guests.make(), guests.make()
     device = loops.make()
-    holder.attach_raw(
-        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
-        f"<source dev='{device}'/><target dev='sdb' bus='scsi'/><shareable/>"
-        "<alias name='ua-left-behind'/>"
-        "<address type='drive' controller='0' bus='0' target='0' unit='1'/></disk>"
-    )
+    holder.attach_raw(hand_made_disk(device, target_dev="sdb", unit=1, alias="ua-left-behind"))
 
     host_guests.victim = vanishing
     [found] = unrecorded_disks(service)

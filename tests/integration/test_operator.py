@@ -17,7 +17,14 @@ from lxml import etree
 
 from hostagent.client import ApiError
 from tests.conftest import DaemonFactory
-from tests.integration.support import Daemon, Guests, LoopDevices, local_request, unique
+from tests.integration.support import (
+    Daemon,
+    Guests,
+    LoopDevices,
+    hand_made_disk,
+    local_request,
+    unique,
+)
 from tests.integration.test_cli import ctl
 
 
@@ -75,12 +82,7 @@ def test_doctor_lists_each_disagreement_with_a_suggestion_and_reconcile_fixes_so
 
     # Disagreements made by hand, as an operator with virsh would.
     guest.dom.detachDeviceAlias(f"ua-{ours}", 1)  # live only: the disk vanishes under us
-    other.attach_raw(
-        f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
-        f"<source dev='{device}'/><target dev='sdq' bus='scsi'/><shareable/>"
-        "<alias name='ua-handmade'/>"
-        "<address type='drive' controller='0' bus='0' target='0' unit='7'/></disk>"
-    )
+    other.attach_raw(hand_made_disk(device, target_dev="sdq", unit=7, alias="ua-handmade"))
     sick = ctl("doctor", socket=sock)
     assert sick.returncode == 1
     report = json.loads(ctl("doctor", "--json", socket=sock).stdout)
