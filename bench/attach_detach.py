@@ -264,10 +264,28 @@ def measure(
             target.wall += part.wall
 
 
+def daemon_options(pairs: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--daemon-option wants SECTION.KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=50, help="cycles per stream")
     parser.add_argument("--parallel", type=int, default=8, help="guests in the parallel run")
+    parser.add_argument(
+        "--daemon-option",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a config option for the measured hostagentd (repeatable), "
+        "e.g. DEFAULT.default_log_levels=hostagent=WARN",
+    )
     args = parser.parse_args()
 
     conn = start_libvirt_events()
@@ -280,7 +298,7 @@ def main() -> int:
         workdir / "state",
         workdir / "d.sock",
         workdir / "daemon.log",
-        options={"reconcile.interval": "0"},
+        options={"reconcile.interval": "0", **daemon_options(args.daemon_option)},
     )
     try:
         device = loops.make(16)
