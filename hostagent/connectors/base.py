@@ -8,7 +8,8 @@ host and disconnects it. It knows nothing of libvirt: ``service`` maps a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -94,3 +95,15 @@ def scrub(message: str, properties: Mapping[str, Any]) -> str:
         if isinstance(value, str) and len(value) >= 4 and is_secret_field(name):
             message = message.replace(value, "***")
     return message
+
+
+@contextlib.contextmanager
+def os_brick_errors(what: str, properties: Mapping[str, Any]) -> Iterator[None]:
+    """Turn whatever os-brick raises in the block (it raises many unrelated
+    types) into a ConnectorError saying that ``what`` failed, with every secret
+    of ``properties`` blanked out of the message."""
+    try:
+        yield
+    except Exception as exc:
+        message = f"{what} failed: {type(exc).__name__}: {exc}"
+        raise ConnectorError(scrub(message, properties)) from exc

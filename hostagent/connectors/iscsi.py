@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 from os_brick.initiator.connectors.iscsi import ISCSIConnector as BrickISCSIConnector
 from os_brick.initiator.utils import guard_connection
 
-from hostagent.connectors.base import ConnectorError, HostDevice, InvalidTarget, Target, scrub
+from hostagent.connectors.base import (
+    ConnectorError,
+    HostDevice,
+    InvalidTarget,
+    Target,
+    os_brick_errors,
+)
 
 DEFAULT_PORT = 3260
 _IQN = re.compile(
@@ -158,15 +164,8 @@ class ISCSIConnector:
             yield
 
     def connect(self, target: Target) -> HostDevice:
-        try:
+        with os_brick_errors(f"iSCSI login to {target.connection_key}", target.properties):
             info = self._brick.connect_volume(dict(target.properties))
-        except Exception as exc:  # os-brick raises many unrelated types
-            raise ConnectorError(
-                scrub(
-                    f"iSCSI login to {target.connection_key} failed: {type(exc).__name__}: {exc}",
-                    target.properties,
-                )
-            ) from exc
         if not info or not info.get("path"):
             raise ConnectorError(f"iSCSI {target.connection_key}: os-brick found no device")
         return HostDevice(path=stable_path(target, info), device_info=dict(info))
@@ -174,14 +173,7 @@ class ISCSIConnector:
     def disconnect(self, target: Target, device: HostDevice) -> None:
         """Flush and log out; a failed flush fails the detach (force=False), it
         never loses data."""
-        try:
+        with os_brick_errors(f"iSCSI logout of {target.connection_key}", target.properties):
             self._brick.disconnect_volume(
                 dict(target.properties), dict(device.device_info), force=False
             )
-        except Exception as exc:
-            raise ConnectorError(
-                scrub(
-                    f"iSCSI logout of {target.connection_key} failed: {type(exc).__name__}: {exc}",
-                    target.properties,
-                )
-            ) from exc

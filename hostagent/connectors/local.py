@@ -10,7 +10,13 @@ from typing import Any, ClassVar
 
 from os_brick.initiator.connectors.local import LocalConnector as BrickLocalConnector
 
-from hostagent.connectors.base import ConnectorError, HostDevice, InvalidTarget, Target
+from hostagent.connectors.base import (
+    ConnectorError,
+    HostDevice,
+    InvalidTarget,
+    Target,
+    os_brick_errors,
+)
 
 DEV_ROOT = "/dev/"
 
@@ -72,7 +78,5 @@ class LocalConnector:
         return HostDevice(path=path, device_info=dict(info))
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
-        try:
+        with os_brick_errors(f"releasing local device {device.path}", target.properties):
             self._brick.disconnect_volume(dict(target.properties), dict(device.device_info))
-        except Exception as exc:  # os-brick raises many unrelated types
-            raise ConnectorError(f"local device {device.path}: {exc}") from exc

@@ -29,7 +29,7 @@ from hostagent.connectors.base import (
     InvalidTarget,
     SecretKeeper,
     Target,
-    scrub,
+    os_brick_errors,
 )
 
 MODES = ("librbd", "krbd")
@@ -174,15 +174,8 @@ class RBDConnector:
         return self._secrets
 
     def _map(self, target: Target) -> HostDevice:
-        try:
+        with os_brick_errors(f"rbd map of {target.connection_key}", target.properties):
             info = self._brick.connect_volume(dict(target.properties))
-        except Exception as exc:  # os-brick raises many unrelated types
-            raise ConnectorError(
-                scrub(
-                    f"rbd map of {target.connection_key} failed: {type(exc).__name__}: {exc}",
-                    target.properties,
-                )
-            ) from exc
         path = info.get("path") if isinstance(info, dict) else None
         if not isinstance(path, str):
             raise ConnectorError(f"rbd map of {target.connection_key} gave no block device")
@@ -195,12 +188,5 @@ class RBDConnector:
             # os-brick's temporary ceph.conf from the map is gone (a restart with a
             # fresh /tmp): write another one from the stored properties to unmap.
             info["conf"] = self._brick.create_non_openstack_config(dict(target.properties))
-        try:
+        with os_brick_errors(f"rbd unmap of {target.connection_key}", target.properties):
             self._brick.disconnect_volume(dict(target.properties), info)
-        except Exception as exc:
-            raise ConnectorError(
-                scrub(
-                    f"rbd unmap of {target.connection_key} failed: {type(exc).__name__}: {exc}",
-                    target.properties,
-                )
-            ) from exc

@@ -45,12 +45,17 @@ class RecordingSecretKeeper:
 class RecordingBrickRBD:
     """Stands in for os-brick's RBDConnector with do_local_attach (rbd map)."""
 
-    def __init__(self, conf: str = "/tmp/brickrbd_recorded") -> None:
+    def __init__(
+        self, conf: str = "/tmp/brickrbd_recorded", failure: Exception | None = None
+    ) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.conf = conf
+        self.failure = failure
 
     def connect_volume(self, properties: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("map", properties))
+        if self.failure is not None:
+            raise self.failure
         return {"path": "/dev/rbd0", "type": "block", "conf": self.conf}
 
     def create_non_openstack_config(self, properties: dict[str, Any]) -> str:
@@ -59,6 +64,8 @@ class RecordingBrickRBD:
 
     def disconnect_volume(self, properties: dict[str, Any], device_info: dict[str, Any]) -> None:
         self.calls.append(("unmap", {**properties, **device_info}))
+        if self.failure is not None:
+            raise self.failure
 
 
 def cinder_data(**extra: Any) -> dict[str, Any]:
@@ -191,6 +198,24 @@ def test_krbd_unmaps_after_a_restart_that_emptied_tmp() -> None:
     connector.disconnect(target, device)
     assert [c for c, _ in brick.calls] == ["map", "write conf", "unmap"]
     assert brick.calls[-1][1]["conf"] == "/tmp/brickrbd_new"
+
+
+def test_krbd_failures_name_the_step_and_never_the_key() -> None:
+    # os-brick's errors echo the rbd command line, key included.
+    brick = RecordingBrickRBD(failure=OSError(f"rbd map --key {KEY} volumes/volume-1: exit 22"))
+    connector = RBDConnector(attach_mode="krbd", brick=brick)
+    target = connector.parse_target(cinder_data(key=KEY))
+    with pytest.raises(ConnectorError) as mapping:
+        connector.connect(target)
+    device = HostDevice("/dev/rbd0", {"mode": "krbd", "path": "/dev/rbd0"})
+    with pytest.raises(ConnectorError) as unmapping:
+        connector.disconnect(target, device)
+    assert str(mapping.value).startswith("rbd map of rbd:")
+    assert str(unmapping.value).startswith("rbd unmap of rbd:")
+    for error in (mapping.value, unmapping.value):
+        assert KEY not in str(error) and "***" in str(error)
+        assert "OSError" in str(error) and "exit 22" in str(error)
+        assert isinstance(error.__cause__, OSError), "the os-brick error stays the cause"
 
 
 def test_error_scrubbing_blanks_secrets_not_what_names_them() -> None:
