@@ -247,7 +247,19 @@ class AttachmentService:
                 exc.message,
             )
             return
-        self.connections.forget(record, may_disconnect=made)
+        try:
+            self.connections.forget(record, may_disconnect=made)
+        except HostagentError as exc:
+            # The disk is off the guest and the record is gone; only the
+            # connection this request made could not be released (a failed
+            # flush, libvirt gone during the guard). It stays, with no users,
+            # for reconcile to release; the caller gets the attach's own error.
+            LOG.error(
+                "attachment %s: rollback left %s connected (%s); reconcile will release it",
+                record.attachment_id,
+                record.connection_key,
+                exc.message,
+            )
 
     def roll_back_interrupted_attach(self, record: AttachmentRecord) -> None:
         """Reconcile: an attach that died before its disk reached the domain."""

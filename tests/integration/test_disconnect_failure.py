@@ -1,4 +1,5 @@
-"""A disconnect that fails (an iSCSI flush, say) fails the detach and loses nothing.
+"""A disconnect that fails (an iSCSI flush, say) fails the detach and loses nothing,
+and never hides the real error of an attach whose rollback it is part of.
 
 The service runs in-process on real libvirt, guests, loop devices and sqlite;
 only os-brick's disconnect is replaced, by a recording fake that fails the
@@ -14,10 +15,11 @@ import pytest
 
 from hostagent.connectors import ConnectorError, ConnectorRegistry, HostDevice, Target
 from hostagent.connectors.local import LocalConnector
-from hostagent.errors import DisconnectFailed
+from hostagent.errors import DisconnectFailed, LibvirtError
 from hostagent.guests import Guests as HostGuests
 from hostagent.locks import HostLocks
 from hostagent.models import AttachRequest
+from hostagent.reconcile import Reconciler
 from hostagent.service import AttachmentService, ServiceSettings
 from hostagent.store import AttachmentState, ConnectionState, Store
 from tests.integration.support import Guests, LoopDevices, local_request, unique
@@ -45,18 +47,24 @@ def host_guests() -> Iterator[HostGuests]:
     guests.stop()
 
 
-def test_a_failed_disconnect_keeps_the_detach_open_and_a_retry_finishes_it(
-    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
-) -> None:
-    connector = FailingFirstDisconnect()
-    store = Store(tmp_path / "state.sqlite3")
-    service = AttachmentService(
-        store=store,
-        guests=host_guests,
+def service_with(
+    connector: LocalConnector, tmp_path: Path, guests: HostGuests
+) -> AttachmentService:
+    return AttachmentService(
+        store=Store(tmp_path / "state.sqlite3"),
+        guests=guests,
         registry=ConnectorRegistry({"local": connector}),
         locks=HostLocks(tmp_path / "locks"),
         settings=ServiceSettings(detach_timeout=5, detach_retry_interval=1),
     )
+
+
+def test_a_failed_disconnect_keeps_the_detach_open_and_a_retry_finishes_it(
+    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+) -> None:
+    connector = FailingFirstDisconnect()
+    service = service_with(connector, tmp_path, host_guests)
+    store = service.store
     guest = guests.make()
     device = loops.make()
     attachment_id = unique("att")
@@ -78,4 +86,42 @@ def test_a_failed_disconnect_keeps_the_detach_open_and_a_retry_finishes_it(
     assert (result.host_disconnected, result.terminate_connection) == (True, True)
     assert connector.disconnects == [f"local:{device}"] * 2
     assert store.list_connections() == [] and store.list_attachments() == []
+    store.close()
+
+
+def test_a_rollback_whose_disconnect_fails_still_reports_the_attachs_own_error(
+    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+) -> None:
+    connector = FailingFirstDisconnect()
+    service = service_with(connector, tmp_path, host_guests)
+    store = service.store
+    # libvirt gives a q35 guest a spare PCIe port or two; once they are taken
+    # it refuses the next hot-plugged virtio-blk disk ("no free slot").
+    guest = guests.make(root_ports=0)
+    attached: list[str] = []
+    for _ in range(8):
+        device, attachment_id = loops.make(), unique("att")
+        request = local_request(device, guest, volume_id=unique("v"), bus="virtio")
+        try:
+            service.attach(attachment_id, AttachRequest.model_validate(request))
+        except LibvirtError as refused:
+            assert refused.code == "libvirt_error", "the refusal, not the failed rollback"
+            break
+        attached.append(f"ua-{attachment_id}")
+    else:
+        pytest.fail("libvirt took 8 virtio disks on a guest with no spare ports")
+    key = f"local:{device}"
+    assert connector.disconnects == [key], "the rollback tried to release what it made"
+    assert {a.attachment_id for a in store.list_attachments()} == {
+        alias.removeprefix("ua-") for alias in attached
+    }, "no record of the refused attach: its id may be used again"
+    assert guest.disk(f"ua-{attachment_id}") is None, "nothing of it left on the guest"
+    left = store.get_connection(key)
+    assert left is not None and left.state is ConnectionState.DISCONNECTING
+
+    report = Reconciler(service, tombstone_ttl=86400).run()
+    assert [(a.action, a.subject) for a in report.actions] == [("disconnected", key)]
+    assert store.get_connection(key) is None
+    assert len(store.list_connections()) == len(attached), "the others are untouched"
+    assert connector.disconnects == [key] * 2
     store.close()
