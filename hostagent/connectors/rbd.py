@@ -75,6 +75,12 @@ def _monitors(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return list(hosts), clean_ports
 
 
+def agent_secret_uuid(target: Target) -> str:
+    """The libvirt secret the agent defines for a target's cephx key: one per
+    connection, named by its key, so a disconnect can find it without records."""
+    return str(uuid.uuid5(SECRET_NAMESPACE, target.connection_key))
+
+
 class RBDConnector:
     """Ceph RBD images, through QEMU's librbd or the kernel's rbd driver."""
 
@@ -147,7 +153,7 @@ class RBDConnector:
         props = target.properties
         key = cephx_key(props)
         if key is not None:
-            secret_uuid = str(uuid.uuid5(SECRET_NAMESPACE, target.connection_key))
+            secret_uuid = agent_secret_uuid(target)
             self._keeper().define_secret(
                 secret_uuid, f"hostagent {target.connection_key}", base64.b64decode(key)
             )
@@ -163,10 +169,19 @@ class RBDConnector:
         return HostDevice(None, {"mode": "librbd", "secret_uuid": named, "agent_secret": False})
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
-        if self.attach_mode == "krbd" or device.device_info.get("mode") != "librbd":
+        """Undo the connect: unmap (krbd) or drop the agent's secret (librbd).
+
+        The mode recorded by the connect decides; a connect that never got
+        recorded (a crash in the middle) is undone as this daemon's mode would
+        have made it, secret included: undefining one that was never defined
+        is fine."""
+        info = device.device_info
+        if info.get("mode", self.attach_mode) == "krbd":
             self._unmap(target, device)
-        elif device.device_info.get("agent_secret"):
-            self._keeper().undefine_secret(str(device.device_info["secret_uuid"]))
+        elif info.get("agent_secret"):
+            self._keeper().undefine_secret(str(info["secret_uuid"]))
+        elif "mode" not in info and cephx_key(target.properties) is not None:
+            self._keeper().undefine_secret(agent_secret_uuid(target))
 
     def _keeper(self) -> SecretKeeper:
         if self._secrets is None:

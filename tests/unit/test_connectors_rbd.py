@@ -136,6 +136,42 @@ def test_an_operators_secret_is_used_and_never_removed() -> None:
         connector.connect(missing)
 
 
+def test_a_connect_that_was_never_recorded_is_undone_in_the_daemons_mode() -> None:
+    # A crash between the connection's intent and its "connected" record leaves
+    # no device info: reconcile's disconnect must still work, and remove a
+    # secret the interrupted connect may have defined.
+    never_recorded = HostDevice(None, {})
+    keeper = RecordingSecretKeeper()
+    librbd = RBDConnector(secrets=keeper)
+    with_key = librbd.parse_target(cinder_data(key=KEY))
+    librbd.connect(with_key)
+    librbd.disconnect(with_key, never_recorded)
+    assert keeper.secrets == {}, "the agent's secret is gone"
+    operators = RecordingSecretKeeper(existing={"7d7c3e7e-0000-4000-8000-00000000abcd"})
+    named = RBDConnector(secrets=operators)
+    named.disconnect(
+        named.parse_target(cinder_data(secret_uuid="7d7c3e7e-0000-4000-8000-00000000abcd")),
+        never_recorded,
+    )
+    assert operators.calls == [], "an operator's secret is never touched"
+
+    brick = RecordingBrickRBD()
+    krbd = RBDConnector(attach_mode="krbd", brick=brick)
+    krbd.disconnect(krbd.parse_target(cinder_data(key=KEY)), never_recorded)
+    assert [call for call, _ in brick.calls] == ["unmap"]
+
+
+def test_the_recorded_mode_wins_over_the_configured_one() -> None:
+    keeper = RecordingSecretKeeper()
+    made_by_librbd = RBDConnector(secrets=keeper)
+    target = made_by_librbd.parse_target(cinder_data(key=KEY))
+    device = made_by_librbd.connect(target)
+    brick = RecordingBrickRBD()
+    # The operator switched to krbd since: the librbd connection is still undone as such.
+    RBDConnector(attach_mode="krbd", brick=brick, secrets=keeper).disconnect(target, device)
+    assert brick.calls == [] and keeper.secrets == {}
+
+
 def test_no_auth_needs_no_secret() -> None:
     connector = RBDConnector(secrets=RecordingSecretKeeper())
     target = connector.parse_target(cinder_data(auth_enabled=False, auth_username=None))
