@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
 from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
-from hostagent.errors import ConnectFailed, DisconnectFailed
+from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks
 from hostagent.metrics import Metrics
@@ -100,7 +100,7 @@ class HostConnections:
                 connection = None  # a release is disconnecting it: wait for its lock
         else:
             connection = self.store.get_connection(key)
-        if connection is not None and connection.state is ConnectionState.CONNECTED:
+        if connection is not None and self._usable(connection):
             return False
         with self.exclusive(key, target):
             if new:
@@ -110,20 +110,31 @@ class HostConnections:
                 failpoints.hit("attach.after_intent")
             connection = self.store.get_connection(key)
             assert connection is not None, "an attachment row always has its connection"
-            if connection.state is ConnectionState.CONNECTED:
+            if self._usable(connection):
                 return False
+            if connection.state is ConnectionState.CONNECTED:
+                LOG.info("%s was connected in an earlier boot", key)
             if connection.state is not ConnectionState.CONNECTING:
                 self.store.set_connection_state(key, ConnectionState.CONNECTING)
             LOG.info("attachment %s: connecting %s", record.attachment_id, key)
             try:
                 with self.metrics.phase("connect"):
                     device = connector.connect(target)
-            except ConnectorError as exc:
-                LOG.error("attachment %s: connect %s failed: %s", record.attachment_id, key, exc)
+            except (ConnectorError, HostagentError) as exc:
+                # HostagentError: libvirt failing a connector's own calls (rbd's secrets).
+                reason = exc.message if isinstance(exc, HostagentError) else str(exc)
+                LOG.error(
+                    "attachment %s: connect %s failed: %s", record.attachment_id, key, reason
+                )
                 self.store.forget_attachment(record.attachment_id)
-                if self.store.mark_disconnecting(key):
-                    self._best_effort_disconnect(connector, target, None)
+                if self.store.mark_disconnecting(key) and self._best_effort_disconnect(
+                    connector, target, None
+                ):
                     self.store.drop_connection(key)
+                # else kept: in use by others, or (cleanup failed) left ``disconnecting``
+                # with no users for reconcile to release, never forgotten half made.
+                if isinstance(exc, HostagentError):
+                    raise
                 raise ConnectFailed(f"connecting {key} failed: {exc}") from None
             failpoints.hit("attach.after_connect")
             self.store.set_connection_state(
@@ -137,11 +148,25 @@ class HostConnections:
 
     def _best_effort_disconnect(
         self, connector: Connector, target: Target, device: HostDevice | None
-    ) -> None:
+    ) -> bool:
+        """Undo a connect that failed half way; False if even that failed."""
         try:
             connector.disconnect(target, device or HostDevice(path=None, device_info={}))
-        except ConnectorError as exc:
-            LOG.warning("cleanup disconnect of %s failed: %s", target.connection_key, exc)
+        except (ConnectorError, HostagentError) as exc:
+            LOG.warning(
+                "cleanup disconnect of %s failed (%s); reconcile will retry it",
+                target.connection_key,
+                exc.message if isinstance(exc, HostagentError) else exc,
+            )
+            return False
+        return True
+
+    def _usable(self, connection: ConnectionRecord) -> bool:
+        """Connected in this boot: a connection recorded in an earlier boot is
+        gone with it (its device path may even name another device now)."""
+        return connection.state is ConnectionState.CONNECTED and (
+            not self.boot_id or not connection.boot_id or connection.boot_id == self.boot_id
+        )
 
     def forget(self, record: AttachmentRecord, *, may_disconnect: bool) -> None:
         """Drop a record whose disk is not on its domain (no tombstone: the id

@@ -14,6 +14,7 @@ from tests.integration.support import (
     Guests,
     LoopDevices,
     assert_consistent,
+    hand_made_disk,
     local_request,
     unique,
 )
@@ -62,6 +63,38 @@ def test_host_reboot_reconnects_what_guests_can_start_with_and_releases_the_rest
     assert persistent.open_block_devices() == {f"ua-{kept}": kept_device}
     assert_consistent(client, [persistent, transient])
     assert client.detach(kept).terminate_connection is True
+
+
+def test_a_connection_kept_across_a_reboot_is_connected_again_before_it_is_used(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, short_dir: Path
+) -> None:
+    boot_id = short_dir / "boot_id"
+    boot_id.write_text("11111111-boot-a\n")
+    daemon = daemon_factory(**{"boot-id-path": str(boot_id)})
+    client = daemon.client
+    device = loops.make()
+    guest = guests.make(persistent=True)
+    first = unique("att")
+    client.attach(first, local_request(device, guest, volume_id="v", multiattach=True))
+    # An operator's disk on the same device keeps the connection after the last detach.
+    guest.attach_raw(hand_made_disk(device, target_dev="sdz", unit=9))
+    assert client.detach(first).terminate_connection is False
+
+    daemon.kill()
+    guest.dom.destroy()
+    loops.recreate(device)
+    boot_id.write_text("22222222-boot-b\n")
+    daemon.start()
+    [kept] = client.connections().connections
+    assert (kept.host_refcount, kept.boot_id) == (0, "11111111-boot-a"), "kept, not remade"
+
+    # The next attach must not trust a connection from the earlier boot.
+    second = unique("att")
+    client.attach(second, local_request(device, guest, volume_id="v", multiattach=True))
+    [connection] = client.connections().connections
+    assert connection.state == "connected" and connection.boot_id == "22222222-boot-b"
+    assert "was connected in an earlier boot" in daemon.log()
+    assert client.detach(second).terminate_connection is False, "the operator's disk stays"
 
 
 def test_corrupt_state_file_is_refused_and_nothing_is_served(

@@ -15,7 +15,7 @@ import pytest
 
 from hostagent.connectors import ConnectorError, ConnectorRegistry, HostDevice, Target
 from hostagent.connectors.local import LocalConnector
-from hostagent.errors import DisconnectFailed, LibvirtError
+from hostagent.errors import ConnectFailed, DisconnectFailed, LibvirtError, LibvirtUnavailable
 from hostagent.guests import Guests as HostGuests
 from hostagent.locks import HostLocks
 from hostagent.models import AttachRequest
@@ -123,5 +123,52 @@ def test_a_rollback_whose_disconnect_fails_still_reports_the_attachs_own_error(
     assert [(a.action, a.subject) for a in report.actions] == [("disconnected", key)]
     assert store.get_connection(key) is None
     assert len(store.list_connections()) == len(attached), "the others are untouched"
+    assert connector.disconnects == [key] * 2
+    store.close()
+
+
+class FailingConnect(FailingFirstDisconnect):
+    """A connect that fails after doing part of its work, as an iSCSI login
+    that timed out on one portal would, with ``error`` as what it raises."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def connect(self, target: Target) -> HostDevice:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectorError("login timed out"), LibvirtUnavailable("libvirt went away")],
+    ids=["os-brick", "libvirt-inside-connect"],
+)
+def test_a_failed_connect_leaves_nothing_but_what_its_cleanup_could_not_undo(
+    tmp_path: Path,
+    host_guests: HostGuests,
+    guests: Guests,
+    loops: LoopDevices,
+    error: Exception,
+) -> None:
+    connector = FailingConnect(error)
+    service = service_with(connector, tmp_path, host_guests)
+    store = service.store
+    guest, device = guests.make(), loops.make()
+    key = f"local:{device}"
+    request = AttachRequest.model_validate(local_request(device, guest, volume_id="v"))
+    expected = ConnectFailed if isinstance(error, ConnectorError) else LibvirtUnavailable
+    with pytest.raises(expected):
+        service.attach(unique("att"), request)
+    assert store.list_attachments() == [], "no attaching row is left behind"
+    # The cleanup disconnect failed: the half-made connection stays recorded,
+    # with no users, rather than forgotten where reconcile cannot find it.
+    left = store.get_connection(key)
+    assert left is not None and left.state is ConnectionState.DISCONNECTING
+    assert connector.disconnects == [key]
+
+    with pytest.raises(expected):  # the second cleanup works: nothing is left at all
+        service.attach(unique("att"), request)
+    assert store.list_connections() == [] and store.list_attachments() == []
     assert connector.disconnects == [key] * 2
     store.close()
