@@ -14,85 +14,37 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.lio import LioLun, lio_setup
 from tests.lab.vm import run_in_lab
 
 pytestmark = pytest.mark.lab
 
 CHAP_PASSWORD = "LabChapPassw0rd-77"
+SHARED = "iqn.2026-11.test.hostagent:shared"
+CHAP = "iqn.2026-11.test.hostagent:chap"
+LIO = lio_setup(
+    LioLun(SHARED, "shared", size_mb=64),
+    LioLun(CHAP, "chap", size_mb=32, chap=("labuser", CHAP_PASSWORD)),
+)
 
 SCENARIO = r"""
 set -euo pipefail
+. "$LAB_SRC/tests/lab/scenario.sh"
 PORTAL=127.0.0.1:3260
-SHARED=iqn.2026-11.test.hostagent:shared
-CHAP=iqn.2026-11.test.hostagent:chap
+SHARED=__SHARED__
+CHAP=__CHAP__
 CHAP_PASSWORD=__CHAP_PASSWORD__
-INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
+INITIATOR=$(initiator_name)
 LINK=/dev/disk/by-path/ip-$PORTAL-iscsi-$SHARED-lun-0
-log() { echo "== $(cut -d' ' -f1 /proc/uptime) $*"; }
-fail() { echo "FAILED: $*" >&2; exit 1; }
-wait_for() {
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "gave up waiting for: $*"
-    sleep 0.2
-  done
-}
 sessions() { iscsiadm -m session 2>/dev/null | grep -c "$1" || true; }
-record() { echo "$2" >"$LAB_OUT/$1"; }
 
 log "LIO: $SHARED (plain) and $CHAP (CHAP), for $INITIATOR"
-mkdir -p /var/lib/lab
-truncate -s 64M /var/lib/lab/shared.img
-truncate -s 32M /var/lib/lab/chap.img
-cat >/tmp/lio.json <<EOF
-{
-  "storage_objects": [
-    {"plugin": "fileio", "name": "shared", "dev": "/var/lib/lab/shared.img",
-     "size": 67108864, "write_back": false},
-    {"plugin": "fileio", "name": "chap", "dev": "/var/lib/lab/chap.img",
-     "size": 33554432, "write_back": false}
-  ],
-  "targets": [
-    {"fabric": "iscsi", "wwn": "$SHARED",
-     "tpgs": [{"tag": 1, "enable": true,
-       "attributes": {"authentication": 0, "generate_node_acls": 0},
-       "portals": [{"ip_address": "127.0.0.1", "port": 3260}],
-       "luns": [{"index": 0, "storage_object": "/backstores/fileio/shared"}],
-       "node_acls": [{"node_wwn": "$INITIATOR",
-         "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": false}]}]}]},
-    {"fabric": "iscsi", "wwn": "$CHAP",
-     "tpgs": [{"tag": 1, "enable": true,
-       "attributes": {"authentication": 1, "generate_node_acls": 0},
-       "portals": [{"ip_address": "127.0.0.1", "port": 3260}],
-       "luns": [{"index": 0, "storage_object": "/backstores/fileio/chap"}],
-       "node_acls": [{"node_wwn": "$INITIATOR",
-         "chap_userid": "labuser", "chap_password": "$CHAP_PASSWORD",
-         "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": false}]}]}]}
-  ]
-}
-EOF
-targetctl restore /tmp/lio.json >/tmp/targetctl.out 2>&1
-if [ -s /tmp/targetctl.out ]; then cat /tmp/targetctl.out >&2; fail "targetctl restore"; fi
-
+__LIO__
 log "two TCG guests, firmware only"
-for n in 1 2; do
-  sed "s/<domain type='kvm'>/<domain type='qemu'>/; s/demo-1/demo-$n/" \
-    "$LAB_SRC/docs/example-guest.xml" >/tmp/guest$n.xml
-  virsh create /tmp/guest$n.xml >/dev/null
-done
+start_tcg_guests 2
 
 log "hostagentd"
-cat >/tmp/ha.conf <<EOF
-[DEFAULT]
-debug = true
-[libvirt]
-detach_retry_interval = 1
-EOF
-hostagentd --config-file /tmp/ha.conf --state-dir /tmp/st --socket-path /tmp/ha.sock \
-  >"$LAB_OUT/hostagentd.log" 2>&1 &
-daemon=$!
-wait_for 180 test -S /tmp/ha.sock
-export HOSTAGENT_SOCKET=/tmp/ha.sock
+start_hostagentd "$LAB_OUT/hostagentd.log"
 cat >/tmp/shared.json <<EOF
 {"driver_volume_type": "iscsi",
  "data": {"target_portal": "$PORTAL", "target_iqn": "$SHARED", "target_lun": 0}}
@@ -112,10 +64,8 @@ done
 record sessions_after_two_attaches "$(sessions "$SHARED")"
 [ "$(sessions "$SHARED")" = 1 ] || fail "expected one iSCSI session for two guests"
 for n in 1 2; do
-  virsh dumpxml demo-$n --xpath "//disk[alias/@name='ua-a$n']" >"$LAB_OUT/disk$n.xml"
-  sed "s/'/\"/g" "$LAB_OUT/disk$n.xml" >/tmp/disk$n.xml  # no pipe into grep -q (SIGPIPE)
-  grep -qF "<source dev=\"$LINK\"" /tmp/disk$n.xml || fail "demo-$n does not use $LINK"
-  grep -q "<shareable/>" "$LAB_OUT/disk$n.xml" || fail "demo-$n's disk is not shareable"
+  dump_disk $n ua-a$n
+  check_shared_disk $n "$LINK"
 done
 dev=$(readlink -f "$LINK")
 record scsi_device "$dev"
@@ -140,14 +90,11 @@ hostagentctl attach c1 --volume-id vol-chap --domain demo-1 \
 iscsiadm -m session -P 3 >/tmp/session.txt 2>&1 || true
 hostagentctl detach c1 --json >"$LAB_OUT/c1-detach.json"
 [ "$(sessions "$CHAP")" = 0 ] || fail "CHAP session left"
-
-kill -TERM "$daemon"
-wait "$daemon"
-log "hostagentd exited 0"
+stop_hostagentd
 
 log "the CHAP password in logs?"
-found=$(grep -rlF "$CHAP_PASSWORD" "$LAB_OUT/hostagentd.log" /var/log/libvirt /tmp/st \
-        "$LAB_OUT"/*.json 2>/dev/null | grep -v '^/tmp/st/hostagent.sqlite3' || true)
+found=$(grep -rlF "$CHAP_PASSWORD" "$LAB_OUT/hostagentd.log" /var/log/libvirt "$HA_STATE" \
+        "$LAB_OUT"/*.json 2>/dev/null | grep -v "^$HA_STATE/hostagent.sqlite3" || true)
 record password_found_in "${found:-nowhere}"
 [ -z "$found" ] || fail "the CHAP password is in: $found"
 log "done"
@@ -156,7 +103,12 @@ log "done"
 
 def test_one_iscsi_session_shared_by_two_guests_and_chap(tmp_path: Path) -> None:
     started = time.monotonic()
-    script = SCENARIO.replace("__CHAP_PASSWORD__", CHAP_PASSWORD)
+    script = (
+        SCENARIO.replace("__LIO__", LIO)
+        .replace("__SHARED__", SHARED)
+        .replace("__CHAP__", CHAP)
+        .replace("__CHAP_PASSWORD__", CHAP_PASSWORD)
+    )
     result = run_in_lab(script, share=tmp_path / "share", timeout=1200)
     print(
         f"\nlab iSCSI scenario: boot {result.boot_seconds} s, VM run "

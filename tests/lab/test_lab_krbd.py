@@ -35,6 +35,11 @@ IMAGE = "volume-krbd"
 
 SCENARIO = r"""
 set -euo pipefail
+# hostagentd's files are not in /tmp: the PrivateTmp probe below gives it a /tmp of its own.
+HA_STATE=/var/lib/hostagent-lab
+HA_SOCK=/run/hostagent-lab/ha.sock
+HA_CONF=/etc/hostagent-lab.conf
+. "$LAB_SRC/tests/lab/scenario.sh"
 POOL=__POOL__
 IMAGE=__IMAGE__
 LINK=/dev/rbd/$POOL/$IMAGE
@@ -42,18 +47,6 @@ LINK=/dev/rbd/$POOL/$IMAGE
 # OSD opens its bluestore block file with O_DIRECT, which tmpfs refuses on 6.1.
 CEPH_ROOT=/var/tmp/hceph
 CEPH_CONF=$CEPH_ROOT/ceph.conf
-STATE=/var/lib/hostagent-lab
-SOCK=/run/hostagent-lab/ha.sock
-log() { echo "== $(cut -d' ' -f1 /proc/uptime) $*"; }
-fail() { echo "FAILED: $*" >&2; exit 1; }
-wait_for() {
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "gave up waiting for: $*"
-    sleep 0.2
-  done
-}
-record() { echo "$2" >"$LAB_OUT/$1"; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 # the kernel's mappings of the image, one device a line (no pipe into grep -q: SIGPIPE)
 mappings() {
@@ -117,42 +110,11 @@ cat >/tmp/rbd.json <<EOF
 EOF
 
 log "two TCG guests, firmware only"
-for n in 1 2; do
-  sed "s/<domain type='kvm'>/<domain type='qemu'>/; s/demo-1/demo-$n/" \
-    "$LAB_SRC/docs/example-guest.xml" >/tmp/guest$n.xml
-  virsh create /tmp/guest$n.xml >/dev/null
-done
+start_tcg_guests 2
 
 log "hostagentd, [rbd] attach_mode = krbd"
-mkdir -p "$(dirname "$SOCK")"
-# (not in /tmp: the PrivateTmp probe below gives hostagentd a /tmp of its own)
-cat >/etc/hostagent-lab.conf <<EOF
-[DEFAULT]
-debug = true
-[libvirt]
-detach_retry_interval = 1
-[rbd]
-attach_mode = krbd
-EOF
-export HOSTAGENT_SOCKET=$SOCK
-DAEMON_ARGS=(--config-file /etc/hostagent-lab.conf --state-dir "$STATE" --socket-path "$SOCK")
-start_daemon() {  # start_daemon LOG [PRIVATE_TMP]: PRIVATE_TMP as systemd's PrivateTmp=yes
-  rm -f "$SOCK"
-  if [ -n "${2:-}" ]; then
-    unshare --mount --propagation private sh -c \
-      'mount -t tmpfs -o mode=1777 tmpfs /tmp && exec hostagentd "$@"' hostagentd \
-      "${DAEMON_ARGS[@]}" >>"$1" 2>&1 &
-  else
-    hostagentd "${DAEMON_ARGS[@]}" >>"$1" 2>&1 &
-  fi
-  daemon=$!
-  wait_for 180 test -S "$SOCK"
-}
-stop_daemon() {
-  kill -TERM "$daemon"
-  wait "$daemon" || fail "hostagentd exited $?"
-}
-start_daemon "$LAB_OUT/hostagentd.log"
+hostagentd_config "[rbd]" "attach_mode = krbd"
+start_hostagentd "$LAB_OUT/hostagentd.log"
 hostagentctl connector --target 127.0.0.1 --json >"$LAB_OUT/connector.json"
 
 log "attach the image to both guests"
@@ -171,10 +133,8 @@ test -b "$dev" || fail "$dev is not a block device"
 test -L "$LINK" || fail "no udev link $LINK"
 [ "$(readlink -f "$LINK")" = "$dev" ] || fail "$LINK does not point to $dev"
 for n in 1 2; do
-  virsh dumpxml demo-$n --xpath "//disk[alias/@name='ua-a$n']" >"$LAB_OUT/disk$n.xml"
-  sed "s/'/\"/g" "$LAB_OUT/disk$n.xml" >/tmp/disk$n.xml  # no pipe into grep -q (SIGPIPE)
-  grep -qF "<source dev=\"$LINK\"" /tmp/disk$n.xml || fail "demo-$n does not use $LINK"
-  grep -q "<shareable/>" /tmp/disk$n.xml || fail "demo-$n's disk is not shareable"
+  dump_disk $n ua-a$n
+  check_shared_disk $n "$LINK"
 done
 ls /tmp/brickrbd_* >"$LAB_OUT/brick_conf_while_mapped" 2>/dev/null || true
 
@@ -199,12 +159,11 @@ record mappings_after_last_detach "$(count_mappings)"
 test ! -e "$LINK" || fail "$LINK still there"
 test ! -e "/sys/block/$(basename "$dev")" || fail "$dev still there"
 ls /tmp/brickrbd_* >"$LAB_OUT/brick_conf_after_unmap" 2>/dev/null || true
-stop_daemon
-log "hostagentd exited 0"
+stop_hostagentd
 
 log "the cephx key in logs?"
-found=$(grep -rlF "$KEY" "$LAB_OUT/hostagentd.log" /var/log/libvirt "$STATE" \
-        "$LAB_OUT"/*.json 2>/dev/null | grep -v "^$STATE/hostagent.sqlite3" || true)
+found=$(grep -rlF "$KEY" "$LAB_OUT/hostagentd.log" /var/log/libvirt "$HA_STATE" \
+        "$LAB_OUT"/*.json 2>/dev/null | grep -v "^$HA_STATE/hostagent.sqlite3" || true)
 record key_found_in "${found:-nowhere}"
 [ -z "$found" ] || fail "the cephx key is in: $found"
 
@@ -215,21 +174,21 @@ info = json.load(open(sys.argv[1]))
 info["data"]["key"] = sys.argv[2]
 del info["data"]["keyring"]
 json.dump(info, open(sys.argv[3], "w"))' /tmp/rbd.json "$KEY" /tmp/rbd-key.json
-start_daemon "$LAB_OUT/hostagentd-probes.log"
+start_hostagentd "$LAB_OUT/hostagentd-probes.log"
 status=0
 timeout 300 hostagentctl attach k1 --volume-id vol-krbd --domain demo-1 \
   --connection-info /tmp/rbd-key.json --multiattach --json >"$LAB_OUT/k1.out" 2>&1 || status=$?
 record key_only_attach_status "$status"
 record key_only_mappings "$(count_mappings)"
 if [ "$status" = 0 ]; then hostagentctl detach k1 --json >"$LAB_OUT/k1-detach.out" 2>&1 || true; fi
-stop_daemon
+stop_hostagentd
 
 log "probe: a restart with a fresh /tmp (systemd PrivateTmp=yes) between attach and detach"
-start_daemon "$LAB_OUT/hostagentd-probes.log" private
+start_hostagentd "$LAB_OUT/hostagentd-probes.log" private-tmp
 hostagentctl attach r1 --volume-id vol-krbd --domain demo-1 \
   --connection-info /tmp/rbd.json --multiattach --json >"$LAB_OUT/r1.json"
-stop_daemon
-start_daemon "$LAB_OUT/hostagentd-probes.log" private
+stop_hostagentd
+start_hostagentd "$LAB_OUT/hostagentd-probes.log" private-tmp
 status=0
 timeout 300 hostagentctl detach r1 --json >"$LAB_OUT/r1-detach.out" 2>&1 || status=$?
 record restart_detach_status "$status"
@@ -238,7 +197,7 @@ timeout 300 hostagentctl detach r1 --json >"$LAB_OUT/r1-detach-retry.out" 2>&1 |
 record restart_detach_retry_status "$status"
 record restart_mappings_after_detach "$(count_mappings)"
 hostagentctl show r1 --json >"$LAB_OUT/r1-show.out" 2>&1 || true
-stop_daemon
+stop_hostagentd
 found=$(grep -rlF "$KEY" "$LAB_OUT"/*.out "$LAB_OUT/hostagentd-probes.log" 2>/dev/null || true)
 record probe_key_found_in "${found:-nowhere}"
 log "done"

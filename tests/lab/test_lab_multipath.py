@@ -16,26 +16,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.lio import LioLun, lio_setup
 from tests.lab.vm import run_in_lab
 
 pytestmark = pytest.mark.lab
 
+IQN = "iqn.2026-11.test.hostagent:multipath"
+LIO = lio_setup(LioLun(IQN, "mp", size_mb=64, portals=("127.0.0.1", "127.0.0.2")))
+
 SCENARIO = r"""
 set -euo pipefail
-IQN=iqn.2026-11.test.hostagent:multipath
-INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
-log() { echo "== $(cut -d' ' -f1 /proc/uptime) $*"; }
-fail() { echo "FAILED: $*" >&2; exit 1; }
-wait_for() {
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "gave up waiting for: $*"
-    sleep 0.2
-  done
-}
+. "$LAB_SRC/tests/lab/scenario.sh"
+IQN=__IQN__
+INITIATOR=$(initiator_name)
 sessions() { iscsiadm -m session 2>/dev/null | grep -c "$IQN" || true; }
 maps() { dmsetup ls --target multipath 2>/dev/null | grep -vc '^No devices found' || true; }
-record() { echo "$2" >"$LAB_OUT/$1"; }
 
 log "multipathd"
 modprobe -a dm_multipath dm_round_robin
@@ -49,50 +44,13 @@ multipathd
 wait_for 60 multipathd show status
 
 log "LIO: $IQN on two portals, for $INITIATOR"
-mkdir -p /var/lib/lab
-truncate -s 64M /var/lib/lab/mp.img
-cat >/tmp/lio.json <<EOF
-{
-  "storage_objects": [
-    {"plugin": "fileio", "name": "mp", "dev": "/var/lib/lab/mp.img",
-     "size": 67108864, "write_back": false}
-  ],
-  "targets": [
-    {"fabric": "iscsi", "wwn": "$IQN",
-     "tpgs": [{"tag": 1, "enable": true,
-       "attributes": {"authentication": 0, "generate_node_acls": 0},
-       "portals": [{"ip_address": "127.0.0.1", "port": 3260},
-                   {"ip_address": "127.0.0.2", "port": 3260}],
-       "luns": [{"index": 0, "storage_object": "/backstores/fileio/mp"}],
-       "node_acls": [{"node_wwn": "$INITIATOR",
-         "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": false}]}]}]}
-  ]
-}
-EOF
-targetctl restore /tmp/lio.json >/tmp/targetctl.out 2>&1
-if [ -s /tmp/targetctl.out ]; then cat /tmp/targetctl.out >&2; fail "targetctl restore"; fi
-
+__LIO__
 log "two TCG guests, firmware only"
-for n in 1 2; do
-  sed "s/<domain type='kvm'>/<domain type='qemu'>/; s/demo-1/demo-$n/" \
-    "$LAB_SRC/docs/example-guest.xml" >/tmp/guest$n.xml
-  virsh create /tmp/guest$n.xml >/dev/null
-done
+start_tcg_guests 2
 
 log "hostagentd with use_multipath"
-cat >/tmp/ha.conf <<EOF
-[DEFAULT]
-debug = true
-[libvirt]
-detach_retry_interval = 1
-[iscsi]
-use_multipath = true
-EOF
-hostagentd --config-file /tmp/ha.conf --state-dir /tmp/st --socket-path /tmp/ha.sock \
-  >"$LAB_OUT/hostagentd.log" 2>&1 &
-daemon=$!
-wait_for 180 test -S /tmp/ha.sock
-export HOSTAGENT_SOCKET=/tmp/ha.sock
+hostagentd_config "[iscsi]" "use_multipath = true"
+start_hostagentd "$LAB_OUT/hostagentd.log"
 cat >/tmp/mp.json <<EOF
 {"driver_volume_type": "iscsi",
  "data": {"target_portals": ["127.0.0.2:3260", "127.0.0.1:3260"],
@@ -108,7 +66,7 @@ record sessions_after_two_attaches "$(sessions)"
 record maps_after_two_attaches "$(maps)"
 multipath -ll >"$LAB_OUT/multipath-ll.txt" 2>&1 || true
 for n in 1 2; do
-  virsh dumpxml demo-$n --xpath "//disk[alias/@name='ua-a$n']" >"$LAB_OUT/disk$n.xml"
+  dump_disk $n ua-a$n
 done
 
 log "first detach: both sessions and the map stay"
@@ -121,16 +79,15 @@ hostagentctl detach a2 --json >"$LAB_OUT/d2.json"
 udevadm settle
 record sessions_after_last_detach "$(sessions)"
 record maps_after_last_detach "$(maps)"
-
-kill -TERM "$daemon"
-wait "$daemon"
+stop_hostagentd
 log "done"
 """
 
 
 def test_one_multipath_map_on_two_portals_shared_by_two_guests(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run_in_lab(SCENARIO, share=tmp_path / "share", timeout=1200)
+    script = SCENARIO.replace("__LIO__", LIO).replace("__IQN__", IQN)
+    result = run_in_lab(script, share=tmp_path / "share", timeout=1200)
     print(
         f"\nlab multipath scenario: boot {result.boot_seconds} s, VM run "
         f"{result.wall_seconds:.1f} s, total {time.monotonic() - started:.1f} s"

@@ -10,54 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.lio import LioLun, lio_setup
 from tests.lab.vm import run_in_lab
 
 pytestmark = pytest.mark.lab
 
 IQN = "iqn.2026-11.test.hostagent:lab1"
+LIO = lio_setup(LioLun(IQN, "lun0", size_mb=64))
 
 SMOKE = r"""
 set -euo pipefail
+. "$LAB_SRC/tests/lab/scenario.sh"
 IQN=__IQN__
 PORTAL=127.0.0.1:3260
 LINK=/dev/disk/by-path/ip-$PORTAL-iscsi-$IQN-lun-0
-INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
-log() { echo "== $(cut -d' ' -f1 /proc/uptime) $*"; }
-wait_for() {  # wait_for SECONDS COMMAND...: poll until COMMAND succeeds
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "gave up waiting for: $*" >&2; return 1; }
-    sleep 0.2
-  done
-}
+INITIATOR=$(initiator_name)
 
 log "LIO target $IQN for initiator $INITIATOR, one targetctl restore"
-mkdir -p /var/lib/lab
-truncate -s 64M /var/lib/lab/lun0.img
-cat >/tmp/lio.json <<EOF
-{
-  "storage_objects": [
-    {"plugin": "fileio", "name": "lun0", "dev": "/var/lib/lab/lun0.img",
-     "size": 67108864, "write_back": false}
-  ],
-  "targets": [
-    {"fabric": "iscsi", "wwn": "$IQN",
-     "tpgs": [
-       {"tag": 1, "enable": true,
-        "attributes": {"authentication": 0, "generate_node_acls": 0},
-        "portals": [{"ip_address": "127.0.0.1", "port": 3260}],
-        "luns": [{"index": 0, "storage_object": "/backstores/fileio/lun0"}],
-        "node_acls": [
-          {"node_wwn": "$INITIATOR",
-           "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": false}]}
-        ]}
-     ]}
-  ]
-}
-EOF
-# targetctl prints what it skipped and still exits 0: any output is a failure.
-targetctl restore /tmp/lio.json >/tmp/targetctl.out 2>&1
-if [ -s /tmp/targetctl.out ]; then cat /tmp/targetctl.out >&2; exit 1; fi
+__LIO__
 tpg=/sys/kernel/config/target/iscsi/$IQN/tpgt_1
 [ "$(cat $tpg/enable)" = 1 ]
 [ -d "$tpg/acls/$INITIATOR/lun_0" ]
@@ -78,8 +48,7 @@ grep -q "$IQN" /tmp/sessions
 echo "$dev" >"$LAB_OUT/device"
 
 log "libvirtd runs a TCG guest (no KVM in here) and the LUN hot-plugs into it"
-sed "s/<domain type='kvm'>/<domain type='qemu'>/" "$LAB_SRC/docs/example-guest.xml" >/tmp/guest.xml
-virsh create /tmp/guest.xml
+start_tcg_guests 1
 cat >/tmp/disk.xml <<EOF
 <disk type='block' device='disk'>
   <driver name='qemu' type='raw' cache='none' io='native'/>
@@ -89,7 +58,6 @@ cat >/tmp/disk.xml <<EOF
 </disk>
 EOF
 virsh attach-device demo-1 /tmp/disk.xml --live
-# (no `| grep -q` under pipefail: grep quits at the match and virsh dies of SIGPIPE)
 virsh domblklist demo-1 >/tmp/blk
 grep -qF "$LINK" /tmp/blk
 virsh detach-device demo-1 /tmp/disk.xml --live
@@ -107,21 +75,17 @@ grep -q "No active sessions" /tmp/sessions
 
 log "hostagentd next to libvirtd"
 virsh -c qemu:///system version
-hostagentd --config-file /dev/null --state-dir /tmp/st --socket-path /tmp/ha.sock \
-  >"$LAB_OUT/hostagentd.log" 2>&1 &
-daemon=$!
-wait_for 120 test -S /tmp/ha.sock
-curl -sS --fail --unix-socket /tmp/ha.sock http://x/v1/health | tee "$LAB_OUT/health.json"
+start_hostagentd "$LAB_OUT/hostagentd.log"
+curl -sS --fail --unix-socket "$HA_SOCK" http://x/v1/health | tee "$LAB_OUT/health.json"
 echo
-kill -TERM "$daemon"
-wait "$daemon"
-log "hostagentd exited 0 on SIGTERM"
+stop_hostagentd
 """
 
 
 def test_iscsi_login_logout_and_hostagentd_in_the_lab(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run_in_lab(SMOKE.replace("__IQN__", IQN), share=tmp_path / "share", timeout=900)
+    script = SMOKE.replace("__LIO__", LIO).replace("__IQN__", IQN)
+    result = run_in_lab(script, share=tmp_path / "share", timeout=900)
     total = time.monotonic() - started
     image = "built in" if result.image.built else "cache hit,"
     print(

@@ -1,0 +1,67 @@
+"""LIO targets for the lab scenarios, written once: fileio LUNs on iSCSI portals.
+
+``lio_setup`` gives the shell lines a scenario runs inside the VM: make each
+LUN's backing file, write one targetctl configuration and load it with
+``lio_restore`` (tests/lab/scenario.sh). The configuration names the
+initiator as ``$INITIATOR``, which the scenario sets from
+``initiator_name`` before these lines run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+BACKING_DIR = "/var/lib/lab"
+CONFIG = "/tmp/lio.json"
+
+
+@dataclass(frozen=True)
+class LioLun:
+    """One target with one LUN 0 on a fileio backstore, for one initiator."""
+
+    iqn: str
+    name: str  # the backstore's name, and its file's under BACKING_DIR
+    size_mb: int = 64
+    portals: tuple[str, ...] = ("127.0.0.1",)
+    chap: tuple[str, str] | None = None  # (userid, password)
+
+    def storage_object(self) -> dict[str, Any]:
+        return {
+            "plugin": "fileio",
+            "name": self.name,
+            "dev": f"{BACKING_DIR}/{self.name}.img",
+            "size": self.size_mb * 1024 * 1024,
+            "write_back": False,
+        }
+
+    def target(self) -> dict[str, Any]:
+        acl: dict[str, Any] = {"node_wwn": "$INITIATOR"}
+        if self.chap is not None:
+            acl["chap_userid"], acl["chap_password"] = self.chap
+        acl["mapped_luns"] = [{"index": 0, "tpg_lun": 0, "write_protect": False}]
+        tpg = {
+            "tag": 1,
+            "enable": True,
+            "attributes": {"authentication": int(self.chap is not None), "generate_node_acls": 0},
+            "portals": [{"ip_address": ip, "port": 3260} for ip in self.portals],
+            "luns": [{"index": 0, "storage_object": f"/backstores/fileio/{self.name}"}],
+            "node_acls": [acl],
+        }
+        return {"fabric": "iscsi", "wwn": self.iqn, "tpgs": [tpg]}
+
+
+def lio_setup(*luns: LioLun) -> str:
+    """Shell lines: backing files, the configuration, one ``lio_restore``."""
+    config = {
+        "storage_objects": [lun.storage_object() for lun in luns],
+        "targets": [lun.target() for lun in luns],
+    }
+    text = json.dumps(config, indent=1)
+    if "$" in text.replace("$INITIATOR", ""):
+        raise ValueError("a '$' in the LIO configuration would be expanded by the shell")
+    lines = [f"mkdir -p {BACKING_DIR}"]
+    lines += [f"truncate -s {lun.size_mb}M {BACKING_DIR}/{lun.name}.img" for lun in luns]
+    lines += [f"cat >{CONFIG} <<EOF", text, "EOF", f"lio_restore {CONFIG}"]
+    return "\n".join(lines) + "\n"
