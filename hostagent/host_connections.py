@@ -35,6 +35,13 @@ from hostagent.store import (
 
 LOG = logging.getLogger(__name__)
 
+# A process found holding a device no domain names is looked at again for this
+# long before it keeps the connection: closing a device a guest wrote to makes
+# udev probe it (blkid, through its inotify watch), and that brief open must
+# not turn the last detach into one that never reports terminate_connection.
+HOLDER_GRACE_SECONDS = 2.0
+HOLDER_POLL_SECONDS = 0.05
+
 
 def detach_body(record: AttachmentRecord, users_left: int, *, released: bool) -> dict[str, object]:
     """The DELETE answer (and tombstone) for ``record``; ``released``: this detach
@@ -324,10 +331,12 @@ class HostConnections:
             return users
         # After the domain scan, not beside it: run together, the two contend
         # for the GIL and took longer than one after the other (measured).
-        return [
-            f"process {holder.pid} ({holder.command}) that holds it open"
-            for holder in processes_holding(connection.device_path)
-        ]
+        holders = processes_holding(connection.device_path)
+        deadline = time.monotonic() + HOLDER_GRACE_SECONDS
+        while holders and time.monotonic() < deadline:
+            time.sleep(HOLDER_POLL_SECONDS)
+            holders = processes_holding(connection.device_path)
+        return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
         users = self.device_users(connection)

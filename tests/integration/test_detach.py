@@ -129,6 +129,38 @@ def test_a_process_holding_the_device_keeps_the_host_connection(
     assert client.connections().connections == []
 
 
+def test_a_brief_open_of_the_device_does_not_keep_the_connection(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    """udev probes a device right after QEMU closes it (blkid, from its inotify
+    watch): a holder that lets go within the grace is not a user, and the last
+    detach still reports terminate_connection."""
+    daemon = daemon_factory()
+    client = daemon.client
+    device = loops.make()
+    guest = guests.make()
+    attachment_id = unique("att")
+    client.attach(attachment_id, local_request(device, guest, volume_id="v"))
+    prober = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "print('open', flush=True); time.sleep(0.5)",
+            device,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert prober.stdout is not None and prober.stdout.readline() == "open\n"
+        result = client.detach(attachment_id)
+    finally:
+        prober.wait()
+    assert (result.host_disconnected, result.terminate_connection) == (True, True)
+    assert client.connections().connections == []
+
+
 def test_persistent_config_reference_also_keeps_the_connection(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, libvirt_conn: object
 ) -> None:
