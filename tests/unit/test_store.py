@@ -158,6 +158,18 @@ def test_finish_detach_writes_the_tombstone_and_releases(store: Store, clock: Fa
     assert store.get_tombstone("a1") is None
 
 
+def test_a_failed_commit_is_rolled_back_and_the_store_stays_usable(store: Store) -> None:
+    store.begin_attach(attachment("a1"), connection())
+    with pytest.raises(sqlite3.IntegrityError), store._tx() as db:
+        # The check is deferred to COMMIT, so the COMMIT itself fails, as it
+        # would on a full disk.
+        db.execute("PRAGMA defer_foreign_keys = ON")
+        db.execute("DELETE FROM connections")
+    assert store.get_connection("local:/dev/loop7") is not None, "nothing of it stays"
+    store.begin_attach(attachment("a2", domain="dom-2"), connection())
+    assert store.refcount("local:/dev/loop7") == 2, "the next write works"
+
+
 def test_drop_connection_refuses_while_referenced(store: Store) -> None:
     store.begin_attach(attachment("a1"), connection())
     store.drop_connection("local:/dev/loop7")
