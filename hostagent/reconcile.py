@@ -187,6 +187,14 @@ class Reconciler:
             try:
                 if users == 0:
                     return self._unused_connection(connection)
+                if connection.state is ConnectionState.DISCONNECTING and all(
+                    record.state is AttachmentState.DETACHING
+                    for record in service.store.list_attachments(connection_key=connection_key)
+                ):
+                    # A last detach whose disconnect failed: the DELETE's retry (or
+                    # the attachment pass) finishes the release; logging in again
+                    # now would only undo what it already did.
+                    return []
                 if connection.state is not ConnectionState.CONNECTED:
                     service.connections.reconnect(connection)
                     return [

@@ -26,15 +26,22 @@ from tests.integration.support import Guests, LoopDevices, local_request, unique
 
 
 class FailingFirstDisconnect(LocalConnector):
-    """The local connector, whose first disconnect fails as a failed flush would."""
+    """The local connector, whose first ``failures`` disconnects fail as a failed
+    flush would; it records every connect and disconnect."""
 
-    def __init__(self) -> None:
+    def __init__(self, failures: int = 1) -> None:
         super().__init__()
+        self.failures = failures
+        self.connects: list[str] = []
         self.disconnects: list[str] = []
+
+    def connect(self, target: Target) -> HostDevice:
+        self.connects.append(target.connection_key)
+        return super().connect(target)
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
         self.disconnects.append(target.connection_key)
-        if len(self.disconnects) == 1:
+        if len(self.disconnects) <= self.failures:
             raise ConnectorError("flush of /dev/sdz failed: I/O error")
         super().disconnect(target, device)
 
@@ -87,6 +94,31 @@ def test_a_failed_disconnect_keeps_the_detach_open_and_a_retry_finishes_it(
     assert connector.disconnects == [f"local:{device}"] * 2
     assert store.list_connections() == [] and store.list_attachments() == []
     store.close()
+
+
+def test_reconcile_does_not_log_in_again_what_a_failed_last_detach_is_releasing(
+    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+) -> None:
+    connector = FailingFirstDisconnect(failures=2)
+    service = service_with(connector, tmp_path, host_guests)
+    guest, device = guests.make(), loops.make()
+    key, attachment_id = f"local:{device}", unique("att")
+    service.attach(
+        attachment_id, AttachRequest.model_validate(local_request(device, guest, volume_id="v"))
+    )
+    with pytest.raises(DisconnectFailed):
+        service.detach(attachment_id)
+
+    report = Reconciler(service, tombstone_ttl=86400).run()
+    assert [(a.action, a.subject) for a in report.actions] == [("failed", attachment_id)]
+    assert connector.connects == [key], "no new login for a connection being released"
+    connection = service.store.get_connection(key)
+    assert connection is not None and connection.state is ConnectionState.DISCONNECTING
+
+    result = service.detach(attachment_id)
+    assert (result.host_disconnected, result.terminate_connection) == (True, True)
+    assert connector.connects == [key] and connector.disconnects == [key] * 3
+    service.store.close()
 
 
 def test_a_rollback_whose_disconnect_fails_still_reports_the_attachs_own_error(
