@@ -119,8 +119,14 @@ def test_bad_requests_are_refused_and_change_nothing(
         assert (status, reply["error"]["code"]) == (400, "invalid_request"), name
 
     huge = b'{"volume_id": "' + b"x" * (2 * 1024 * 1024) + b'"}'
-    status, reply = raw(client, "PUT", f"/v1/attachments/{unique('att')}", huge)
-    assert (status, reply["error"]["code"]) == (413, "request_too_large")
+    for method, path in [
+        ("PUT", f"/v1/attachments/{unique('att')}"),
+        ("DELETE", f"/v1/attachments/{unique('att')}"),
+        ("POST", "/v1/reconcile"),
+        ("GET", "/v1/attachments"),
+    ]:
+        status, reply = raw(client, method, path, huge)
+        assert (status, reply["error"]["code"]) == (413, "request_too_large"), method
 
     for bad_id in ("a.b", "x" * 65, "a%20b", "%2e%2e"):
         for call in (
