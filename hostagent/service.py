@@ -365,8 +365,11 @@ class AttachmentService:
                 accepted = True
                 if live:
                     pending.event.wait(min(self.settings.detach_retry_interval, remaining))
-            # The config part is done once libvirt accepted it; confirm the live part.
-            presence = (live and self._in_live_xml(record), False)
+            # The config part is done once libvirt accepted it; confirm the live
+            # part. Read even after a config-only request: a guest started since
+            # the lookup may have booted with the disk (an inactive domain's
+            # XML is its config, where the disk is gone by now).
+            presence = (self._in_live_xml(record), False)
 
     def _in_live_xml(self, record: AttachmentRecord) -> bool:
         try:
