@@ -1,10 +1,10 @@
 """The storage lab: tests that boot a Debian VM under QEMU TCG (see README.md).
 
-Every test here is marked ``lab``. They run only when asked for, because a run
+Every test here is marked ``lab``. They run when asked for, because a run
 takes minutes (the first one also builds the cached image):
 ``pytest tests/lab -m lab`` (any ``-m`` expression naming ``lab``), or
-``HOSTAGENT_LAB=1`` in the environment. Otherwise they are skipped with that
-hint, so ``./scripts/test`` stays fast.
+``HOSTAGENT_LAB=1`` in the environment, which ``scripts/test`` (so CI) sets.
+A bare ``pytest`` skips them with that hint.
 """
 
 from __future__ import annotations
