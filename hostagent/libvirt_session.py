@@ -28,12 +28,26 @@ LOG = logging.getLogger(__name__)
 # libvirt error codes that mean "the connection is gone", not "the call failed".
 _CONNECTION_ERRORS = frozenset(
     {
-        libvirt.VIR_ERR_SYSTEM_ERROR,
         libvirt.VIR_ERR_RPC,
         libvirt.VIR_ERR_NO_CONNECT,
         libvirt.VIR_ERR_INVALID_CONN,
     }
 )
+# A system error (a socket or file call failing) is the connection's only when
+# it comes from the RPC layer: "Unable to read from monitor: Connection reset
+# by peer" is a QEMU dying under a call (VIR_FROM_QEMU), and the connection to
+# libvirtd is fine.
+_CONNECTION_ERROR_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+
+
+def connection_lost(exc: libvirt.libvirtError) -> bool:
+    """Whether ``exc`` says the connection to libvirtd failed (not just the call)."""
+    code = exc.get_error_code()
+    return code in _CONNECTION_ERRORS or (
+        code == libvirt.VIR_ERR_SYSTEM_ERROR
+        and exc.get_error_domain() in _CONNECTION_ERROR_DOMAINS
+    )
+
 
 _event_loop_lock = threading.Lock()
 _event_loop_thread: list[threading.Thread] = []
@@ -218,7 +232,7 @@ class LibvirtSession:
         alive = False
         with contextlib.suppress(libvirt.libvirtError):
             alive = bool(conn.isAlive())
-        if code in _CONNECTION_ERRORS or not alive:
+        if connection_lost(exc) or not alive:
             self.drop(conn)
             return LibvirtUnavailable(f"{what}: libvirt connection lost: {message}")
         return LibvirtError(f"{what}: {message}")
