@@ -281,6 +281,8 @@ class ApiHandlers:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # a megabyte of "[" is JSON nested deeper than Python goes
+            raise InvalidRequest("request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
         try:

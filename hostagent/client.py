@@ -53,6 +53,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _quoted(attachment_id: str) -> str:
+    """The id as one path segment: "a1?x" must reach the daemon (and be refused)
+    as itself, not as "a1" with a query string."""
+    return urllib.parse.quote(attachment_id, safe="")
+
+
 class HostagentClient:
     """One request per connection: simple, and safe to share between threads."""
 
@@ -69,6 +75,13 @@ class HostagentClient:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
             raw = response.read()
+        except TimeoutError as exc:
+            raise ApiError(
+                0,
+                "timeout",
+                f"no answer from hostagentd within {self.timeout:g}s; the request may still "
+                "be running there (repeating it is safe)",
+            ) from exc
         except OSError as exc:
             raise ApiError(0, "unreachable", f"hostagentd at {self.socket_path}: {exc}") from exc
         finally:
@@ -91,15 +104,15 @@ class HostagentClient:
     ) -> tuple[Attachment, bool]:
         """Attach; returns the attachment and whether it was created now (201)."""
         body = request.model_dump(exclude_none=True) if isinstance(request, BaseModel) else request
-        status, data = self.request("PUT", f"/v1/attachments/{attachment_id}", body)
+        status, data = self.request("PUT", f"/v1/attachments/{_quoted(attachment_id)}", body)
         return Attachment.model_validate(data), status == 201
 
     def detach(self, attachment_id: str) -> DetachResult:
-        _, data = self.request("DELETE", f"/v1/attachments/{attachment_id}")
+        _, data = self.request("DELETE", f"/v1/attachments/{_quoted(attachment_id)}")
         return DetachResult.model_validate(data)
 
     def get(self, attachment_id: str) -> Attachment:
-        _, data = self.request("GET", f"/v1/attachments/{attachment_id}")
+        _, data = self.request("GET", f"/v1/attachments/{_quoted(attachment_id)}")
         return Attachment.model_validate(data)
 
     def list(self) -> list[Attachment]:
@@ -119,7 +132,7 @@ class HostagentClient:
         return ReconcileReport.model_validate(data)
 
     def libvirt_view(self, attachment_id: str) -> LibvirtView:
-        _, data = self.request("GET", f"/v1/attachments/{attachment_id}/libvirt")
+        _, data = self.request("GET", f"/v1/attachments/{_quoted(attachment_id)}/libvirt")
         return LibvirtView.model_validate(data)
 
     def connector(self, target: str | None = None) -> ConnectorProperties:

@@ -147,8 +147,8 @@ def run_reconcile(reconciler: Reconciler, why: str) -> None:
 
 def _watchdog(loop: asyncio.AbstractEventLoop, interval: float) -> None:
     """Ping systemd from the event loop itself: a stuck loop stops the pings."""
-    notify("WATCHDOG=1")
     loop.call_later(interval, _watchdog, loop, interval)
+    notify("WATCHDOG=1")
 
 
 async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:

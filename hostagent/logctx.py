@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,12 +91,26 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# cephx keys, which oslo's mask_password leaves alone: a "key" or "keyring"
+# field (dict repr, JSON, ini) followed by a base64 value, and the "key = ..."
+# line inside keyring text. Not "connection_key" and the like.
+_CEPHX_KEY = re.compile(
+    r"(?:(?<![A-Za-z_])|(?<=\\[tn]))"  # not inside a name; a repr's "\tkey" is fine
+    r"(key(?:ring)?['\"]?\s*[:=]\s*['\"]?)[A-Za-z0-9+/]{20,}={0,2}"
+)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with passwords, tokens, secrets and cephx keys replaced by ***."""
+    return _CEPHX_KEY.sub(r"\1***", strutils.mask_password(text))
+
+
 class SecretFilter(logging.Filter):
     """Masks passwords, keys and secrets in every line, whoever logs it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        masked = strutils.mask_password(message)
+        masked = mask_secrets(message)
         if masked != message:
             record.msg, record.args = masked, None
         return True

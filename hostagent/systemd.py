@@ -5,22 +5,31 @@ All of it is a no-op when systemd did not start the daemon.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+
+LOG = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
 
 
 def notify(*assignments: str) -> bool:
-    """Send ``READY=1``-style lines to ``$NOTIFY_SOCKET``; returns whether anything was sent."""
+    """Send ``READY=1``-style lines to ``$NOTIFY_SOCKET``; returns whether they were sent.
+
+    Best effort: a notify socket that is gone or full is logged, never raised,
+    so a failed ping cannot stop the watchdog's chain or a clean shutdown."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall("\n".join(assignments).encode())
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall("\n".join(assignments).encode())
+    except OSError as exc:
+        LOG.warning("sd_notify to %s failed (%s): %s", address, exc, " ".join(assignments))
+        return False
     return True
 
 

@@ -114,6 +114,7 @@ def test_bad_requests_are_refused_and_change_nothing(
         ("JSON string", b'"x"'),
         ("not UTF-8", b"\xff\xfe"),
         ("empty", b""),
+        ("nested deeper than Python goes", b"[" * 200_000),
     ]:
         status, reply = raw(client, "PUT", f"/v1/attachments/{unique('att')}", payload)
         assert (status, reply["error"]["code"]) == (400, "invalid_request"), name
