@@ -109,6 +109,12 @@ def rebuild_state(service: AttachmentService) -> list[str]:
                 "is not in libvirt, so the agent will neither record nor disconnect it"
             )
             continue
+        if (found.disk.target_bus or "scsi") not in ("scsi", "virtio"):
+            lines.append(
+                f"left alone: {where} is on bus {found.disk.target_bus}; the agent only "
+                "makes scsi and virtio disks, so it is not one of its own"
+            )
+            continue
         attachment, connection = _records(service, found)
         if service.store.adopt(attachment, connection):
             rebuilt += 1

@@ -42,7 +42,8 @@ def disk_source(target: Target, device: HostDevice) -> BlockSource | NetworkSour
             SourceHost(name=str(host).strip("[]"), port=str(port))
             for host, port in zip(props["hosts"], props["ports"], strict=True)
         )
-        secret_uuid = device.device_info.get("secret_uuid")
+        # No user, no auth: a secret_uuid sent with auth disabled is ignored.
+        secret_uuid = device.device_info.get("secret_uuid") if props.get("auth_username") else None
         return NetworkSource(
             protocol="rbd",
             name=str(props["name"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from hostagent.client import ApiError
@@ -155,6 +156,25 @@ def test_missing_state_with_agent_disks_in_guests_is_said_loudly_and_can_be_rebu
     assert client.detach(first).terminate_connection is False
     assert client.detach(second).terminate_connection is True
     assert other.disk(f"ua-{second}", inactive=True) is None
+
+
+def test_rebuild_leaves_alone_a_ua_disk_on_a_bus_the_agent_never_uses(
+    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+) -> None:
+    daemon = daemon_factory()
+    guest = guests.make(persistent=True)
+    sata = (
+        "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source dev='{loops.make()}'/><target dev='sdx' bus='sata'/>"
+        "<alias name='ua-sata-by-hand'/></disk>"
+    )
+    guest.dom.attachDeviceFlags(sata, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    assert daemon.stop() == 0
+    rebuild = daemon.run_once("--rebuild-state")
+    assert rebuild.returncode == 0, rebuild.stdout
+    assert "left alone: ua-sata-by-hand" in rebuild.stdout and "bus sata" in rebuild.stdout
+    daemon.start()
+    assert daemon.client.list() == [], "nothing recorded, and the list still answers"
 
 
 def test_state_file_is_private(daemon: Daemon) -> None:

@@ -172,6 +172,17 @@ def test_the_recorded_mode_wins_over_the_configured_one() -> None:
     assert brick.calls == [] and keeper.secrets == {}
 
 
+def test_a_secret_uuid_with_auth_disabled_renders_a_disk_without_auth() -> None:
+    operator_uuid = "7d7c3e7e-0000-4000-8000-00000000abcd"
+    connector = RBDConnector(secrets=RecordingSecretKeeper(existing={operator_uuid}))
+    target = connector.parse_target(
+        cinder_data(auth_enabled=False, auth_username=None, secret_uuid=operator_uuid)
+    )
+    source = disk_source(target, connector.connect(target))
+    assert isinstance(source, NetworkSource)
+    assert (source.auth_username, source.secret_uuid) == (None, None)
+
+
 def test_no_auth_needs_no_secret() -> None:
     connector = RBDConnector(secrets=RecordingSecretKeeper())
     target = connector.parse_target(cinder_data(auth_enabled=False, auth_username=None))
