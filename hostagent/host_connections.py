@@ -55,6 +55,11 @@ def detach_body(record: AttachmentRecord, users_left: int, *, released: bool) ->
     ).model_dump()
 
 
+def _why(exc: Exception) -> str:
+    """What an os-brick or libvirt failure says, without the error's prefix."""
+    return exc.message if isinstance(exc, HostagentError) else str(exc)
+
+
 class HostConnections:
     """The per-host connections behind attachments, and their refcounts."""
 
@@ -129,9 +134,8 @@ class HostConnections:
                     device = connector.connect(target)
             except (ConnectorError, HostagentError) as exc:
                 # HostagentError: libvirt failing a connector's own calls (rbd's secrets).
-                reason = exc.message if isinstance(exc, HostagentError) else str(exc)
                 LOG.error(
-                    "attachment %s: connect %s failed: %s", record.attachment_id, key, reason
+                    "attachment %s: connect %s failed: %s", record.attachment_id, key, _why(exc)
                 )
                 self.store.forget_attachment(record.attachment_id)
                 if self.store.mark_disconnecting(key) and self._best_effort_disconnect(
@@ -163,7 +167,7 @@ class HostConnections:
             LOG.warning(
                 "cleanup disconnect of %s failed (%s); reconcile will retry it",
                 target.connection_key,
-                exc.message if isinstance(exc, HostagentError) else exc,
+                _why(exc),
             )
             return False
         return True
@@ -171,8 +175,8 @@ class HostConnections:
     def _usable(self, connection: ConnectionRecord) -> bool:
         """Connected in this boot: a connection recorded in an earlier boot is
         gone with it (its device path may even name another device now)."""
-        return connection.state is ConnectionState.CONNECTED and (
-            not self.boot_id or not connection.boot_id or connection.boot_id == self.boot_id
+        return connection.state is ConnectionState.CONNECTED and not (
+            connection.from_earlier_boot(self.boot_id)
         )
 
     def forget(self, record: AttachmentRecord, *, may_disconnect: bool) -> None:

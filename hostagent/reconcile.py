@@ -44,7 +44,7 @@ class Reconciler:
         actions: list[ReconcileAction] = []
         boot_id = self.service.settings.boot_id
         for connection in self.service.store.list_connections():
-            if boot_id and connection.boot_id and connection.boot_id != boot_id:
+            if connection.from_earlier_boot(boot_id):
                 actions += self._after_reboot(connection)
         for record in self.service.store.list_attachments():
             actions += self.attachment(record.attachment_id)

@@ -37,6 +37,12 @@ class ConnectionRecord:
     device_info: Mapping[str, Any] | None = field(default=None, repr=False)
     connected_at: float | None = None
 
+    def from_earlier_boot(self, boot_id: str) -> bool:
+        """Made before the host's last reboot (unknown boot ids never count):
+        the connection went with that boot, its device path may name another
+        device now."""
+        return bool(boot_id and self.boot_id and self.boot_id != boot_id)
+
 
 @dataclass(frozen=True)
 class AttachmentRecord:

@@ -21,12 +21,19 @@ from tests.integration.support import (
 )
 
 
+def daemon_with_boot_id(
+    daemon_factory: DaemonFactory, short_dir: Path, boot: str
+) -> tuple[Path, Daemon]:
+    """A daemon reading its boot id from a file the test rewrites to "reboot"."""
+    boot_id = short_dir / "boot_id"
+    boot_id.write_text(boot + "\n")
+    return boot_id, daemon_factory(**{"boot-id-path": str(boot_id)})
+
+
 def test_host_reboot_reconnects_what_guests_can_start_with_and_releases_the_rest(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, short_dir: Path
 ) -> None:
-    boot_id = short_dir / "boot_id"
-    boot_id.write_text("11111111-boot-a\n")
-    daemon = daemon_factory(**{"boot-id-path": str(boot_id)})
+    boot_id, daemon = daemon_with_boot_id(daemon_factory, short_dir, "11111111-boot-a")
     client = daemon.client
     kept_device, gone_device = loops.make(), loops.make()
     persistent, transient = guests.make(persistent=True), guests.make()
@@ -69,9 +76,7 @@ def test_host_reboot_reconnects_what_guests_can_start_with_and_releases_the_rest
 def test_a_connection_kept_across_a_reboot_is_connected_again_before_it_is_used(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, short_dir: Path
 ) -> None:
-    boot_id = short_dir / "boot_id"
-    boot_id.write_text("11111111-boot-a\n")
-    daemon = daemon_factory(**{"boot-id-path": str(boot_id)})
+    boot_id, daemon = daemon_with_boot_id(daemon_factory, short_dir, "11111111-boot-a")
     client = daemon.client
     device = loops.make()
     guest = guests.make(persistent=True)

@@ -92,6 +92,24 @@ def test_disk_added_by_hand_keeps_the_host_connection(
     assert client.connections().connections == []
 
 
+def hold_open(device: str, *, seconds: float) -> subprocess.Popen[str]:
+    """A plain process that has ``device`` open for ``seconds``; returns once it has."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "print('open', flush=True); time.sleep(float(sys.argv[2]))",
+            device,
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+    return holder
+
+
 def test_a_process_holding_the_device_keeps_the_host_connection(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
@@ -103,19 +121,8 @@ def test_a_process_holding_the_device_keeps_the_host_connection(
     guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys, time; os.open(sys.argv[1], os.O_RDONLY); "
-            "print('open', flush=True); time.sleep(120)",
-            device,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_open(device, seconds=120)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
         result = client.detach(attachment_id)
         assert (result.host_disconnected, result.terminate_connection) == (False, False)
         [connection] = client.connections().connections
@@ -141,19 +148,8 @@ def test_a_brief_open_of_the_device_does_not_keep_the_connection(
     guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
-    prober = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-            "print('open', flush=True); time.sleep(0.5)",
-            device,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    prober = hold_open(device, seconds=0.5)
     try:
-        assert prober.stdout is not None and prober.stdout.readline() == "open\n"
         result = client.detach(attachment_id)
     finally:
         prober.wait()
