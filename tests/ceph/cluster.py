@@ -489,6 +489,41 @@ def _lay_out(root: Path, avoid: set[int]) -> CephCluster:
     )
 
 
+def start_osd_mkfs(cluster: CephCluster, osd_uuid: str) -> subprocess.Popen[bytes]:
+    """``ceph-osd --mkfs`` for the cluster's OSD, output to log/osd-mkfs.stderr.
+
+    ``-f``: without it ceph-osd daemonizes, even for --mkfs, and the forked
+    child (its own session) outlives a kill of the process we started; on a
+    retried start it then finished its mkfs in the next attempt's fresh OSD
+    dir (a stray ``mkfs_done`` and no ``block``: "couldn't mount ObjectStore").
+    """
+    mkfs_log = cluster.root / "log" / "osd-mkfs.stderr"
+    with mkfs_log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                "ceph-osd",
+                "-f",
+                "-c",
+                str(cluster.conf),
+                "-i",
+                str(OSD_ID),
+                "--mkfs",
+                "--osd-uuid",
+                osd_uuid,
+                "--no-mon-config",
+                "--setuser",
+                "root",
+                "--setgroup",
+                "root",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+            start_new_session=True,
+        )
+
+
 def _bootstrap(cluster: CephCluster, deadline: float) -> None:
     root, conf = cluster.root, str(cluster.conf)
     t0 = time.monotonic()
@@ -510,27 +545,7 @@ def _bootstrap(cluster: CephCluster, deadline: float) -> None:
     osd_uuid = str(uuid.uuid4())
 
     # The OSD's mkfs needs no mon (--no-mon-config): run it while the mon starts.
-    mkfs_log = root / "log" / "osd-mkfs.stderr"
-    with mkfs_log.open("wb") as out:
-        osd_mkfs = subprocess.Popen(
-            [
-                "ceph-osd",
-                "-c",
-                conf,
-                "-i",
-                str(OSD_ID),
-                "--mkfs",
-                "--osd-uuid",
-                osd_uuid,
-                "--no-mon-config",
-                *as_root,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(),
-            start_new_session=True,
-        )
+    osd_mkfs = start_osd_mkfs(cluster, osd_uuid)
     try:
         monmap = root / "monmap"
         addrs = f"[v2:127.0.0.1:{cluster.mon_v2_port},v1:127.0.0.1:{cluster.mon_port}]"
@@ -575,6 +590,7 @@ def _bootstrap(cluster: CephCluster, deadline: float) -> None:
 
         code = osd_mkfs.wait(timeout=max(1.0, deadline - time.monotonic()))
         if code != 0:
+            mkfs_log = root / "log" / "osd-mkfs.stderr"
             raise CephError(f"ceph-osd --mkfs exited {code}:\n{_tail(mkfs_log)}")
     finally:
         if osd_mkfs.poll() is None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,33 @@ def test_report_costs(ceph_cluster: CephCluster, capsys: pytest.CaptureFixture[s
     ]  # fmt: skip
     with capsys.disabled():
         print("\n" + "\n".join(f"[ceph fixture] {line}" for line in lines))
+
+
+def test_a_killed_osd_mkfs_leaves_no_process_behind() -> None:
+    """What start_cluster does to the mkfs of an attempt that failed: kill it.
+    Nothing of it may go on writing into the next attempt's OSD dir (a
+    daemonizing ceph-osd left a child that did: 'couldn't mount ObjectStore')."""
+    root = Path(tempfile.mkdtemp(prefix="hceph-", dir="/tmp"))
+    try:
+        cluster = cluster_module._lay_out(root, avoid=set())
+        osd_uuid = str(uuid.uuid4())
+        mkfs = cluster_module.start_osd_mkfs(cluster, osd_uuid)
+        time.sleep(0.1)  # long enough for a daemonizing ceph-osd to have forked
+        mkfs.kill()
+        mkfs.wait()
+        time.sleep(0.2)
+        left = [
+            proc.parent.name
+            for proc in Path("/proc").glob("[0-9]*/cmdline")
+            if osd_uuid.encode() in _read_or_empty(proc)
+        ]
+        assert left == [], f"ceph-osd --mkfs processes outlived the kill: pids {left}"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
