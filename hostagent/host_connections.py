@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
 from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
-from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError
+from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError, LibvirtUnavailable
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks
 from hostagent.metrics import Metrics
 from hostagent.models import DetachResult
-from hostagent.references import find_references, matcher_for, processes_holding
+from hostagent.references import DiskMatcher, find_references, matcher_for, processes_holding
 from hostagent.store import (
     AttachmentRecord,
     ConnectionRecord,
@@ -124,7 +124,8 @@ class HostConnections:
             assert connection is not None, "an attachment row always has its connection"
             if self._usable(connection):
                 return False
-            if connection.state is ConnectionState.CONNECTED:
+            earlier_boot = connection.state is ConnectionState.CONNECTED
+            if earlier_boot:
                 LOG.info("%s was connected in an earlier boot", key)
             if connection.state is not ConnectionState.CONNECTING:
                 self.store.set_connection_state(key, ConnectionState.CONNECTING)
@@ -138,15 +139,13 @@ class HostConnections:
                     "attachment %s: connect %s failed: %s", record.attachment_id, key, _why(exc)
                 )
                 self.store.forget_attachment(record.attachment_id)
-                if self.store.mark_disconnecting(key) and self._best_effort_disconnect(
-                    connector, target, None
-                ):
-                    self.store.drop_connection(key)
-                # else kept: in use by others, or (cleanup failed) left ``disconnecting``
-                # with no users for reconcile to release, never forgotten half made.
+                cleaned = self._clean_up_failed_connect(
+                    record, connector, target, connection, earlier_boot
+                )
                 if isinstance(exc, HostagentError):
                     raise
-                raise ConnectFailed(f"connecting {key} failed: {exc}") from None
+                left = "" if cleaned else "; its cleanup failed too, reconcile will release it"
+                raise ConnectFailed(f"connecting {key} failed: {exc}{left}") from None
             failpoints.hit("attach.after_connect")
             self.store.set_connection_state(
                 key,
@@ -156,6 +155,34 @@ class HostConnections:
                 boot_id=self.boot_id,
             )
             return True
+
+    def _clean_up_failed_connect(
+        self,
+        record: AttachmentRecord,
+        connector: Connector,
+        target: Target,
+        connection: ConnectionRecord,
+        earlier_boot: bool,
+    ) -> bool:
+        """Undo what a failed connect may have left, unless someone still needs
+        it; False if a cleanup disconnect was needed and failed.
+
+        A connection an earlier boot made may have been kept for a domain that
+        names its device (an operator's disk): that one goes back to how it
+        was, for reconcile's guarded release, and is never disconnected here.
+        Otherwise, kept while other attachments use it; if the cleanup fails,
+        left ``disconnecting`` with no users for reconcile, never forgotten.
+        """
+        key = target.connection_key
+        if earlier_boot and self._still_referenced(record, connection):
+            self.store.set_connection_state(key, ConnectionState.CONNECTED, keep_device=True)
+            return True
+        if not self.store.mark_disconnecting(key):
+            return True  # other attachments use it
+        if not self._best_effort_disconnect(connector, target, None):
+            return False
+        self.store.drop_connection(key)
+        return True
 
     def _best_effort_disconnect(
         self, connector: Connector, target: Target, device: HostDevice | None
@@ -327,20 +354,29 @@ class HostConnections:
         matcher = matcher_for(connection)
         if matcher is None:
             return []
-        users = [
-            f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
-            for ref in find_references(self.guests, matcher)
-        ]
+        users = self._domains_using(matcher)
         if users or connection.device_path is None:
             return users
         # After the domain scan, not beside it: run together, the two contend
         # for the GIL and took longer than one after the other (measured).
         holders = processes_holding(connection.device_path)
+        if not holders:
+            return []
         deadline = time.monotonic() + HOLDER_GRACE_SECONDS
         while holders and time.monotonic() < deadline:
             time.sleep(HOLDER_POLL_SECONDS)
             holders = processes_holding(connection.device_path)
-        return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]
+        if holders:
+            return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]
+        # The grace took up to seconds: a domain may have taken the device
+        # meanwhile, and the disconnect must not act on a scan that old.
+        return self._domains_using(matcher)
+
+    def _domains_using(self, matcher: DiskMatcher) -> list[str]:
+        return [
+            f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
+            for ref in find_references(self.guests, matcher)
+        ]
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
         users = self.device_users(connection)
@@ -361,8 +397,11 @@ class HostConnections:
         try:
             with self.metrics.phase("disconnect"):
                 connector.disconnect(target, device)
-        except ConnectorError as exc:
+        except LibvirtUnavailable:
+            raise  # 503: the same retry, once libvirtd is back
+        except (ConnectorError, HostagentError) as exc:
+            # HostagentError: libvirt failing a connector's own calls (rbd's secrets).
             raise DisconnectFailed(
-                f"disconnecting {connection.connection_key} failed: {exc}; the connection "
-                "stays; retry the DELETE (or reconcile)"
+                f"disconnecting {connection.connection_key} failed: {_why(exc)}; the "
+                "connection stays; retry the DELETE (or reconcile)"
             ) from None

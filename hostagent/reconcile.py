@@ -154,7 +154,13 @@ class Reconciler:
                 )
         with service.connections.exclusive(key):
             current_connection = service.store.get_connection(key)
-            if current_connection is None or service.store.refcount(key) == 0:
+            if (
+                current_connection is None
+                or service.store.refcount(key) == 0
+                or not current_connection.from_earlier_boot(service.connections.boot_id)
+            ):
+                # gone, unused (the connection pass releases it), or connected
+                # again meanwhile by an attach (join): nothing left to do here.
                 return actions
             try:
                 service.connections.reconnect(current_connection)

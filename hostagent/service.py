@@ -330,7 +330,7 @@ class AttachmentService:
         if domain is None:
             return
         presence = (domain.active, domain.persistent)
-        accepted = False  # libvirt took a request that matched where the disk was
+        unplugging = False  # libvirt took a live unplug that may still be pending
         while presence != (False, False):
             remaining = deadline - self._monotonic()
             if remaining <= 0:
@@ -354,7 +354,7 @@ class AttachmentService:
                     if actual is None or actual != presence:
                         presence = actual or (False, False)
                         continue  # we asked for the wrong places: ask again right
-                    if not accepted:
+                    if not (live and unplugging):
                         raise  # a refusal of a right request is libvirt's answer
                     # A repeated unplug may be refused while the first is pending.
                     LOG.debug(
@@ -362,8 +362,8 @@ class AttachmentService:
                         record.attachment_id,
                         exc.message,
                     )
-                accepted = True
                 if live:
+                    unplugging = True
                     pending.event.wait(min(self.settings.detach_retry_interval, remaining))
             # The config part is done once libvirt accepted it; confirm the live
             # part. Read even after a config-only request: a guest started since

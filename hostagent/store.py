@@ -279,10 +279,12 @@ class Store:
         device_path: str | None = None,
         device_info: Mapping[str, Any] | None = None,
         boot_id: str | None = None,
+        keep_device: bool = False,
     ) -> None:
-        """Move a connection to ``state``; on ``connected`` record the device."""
+        """Move a connection to ``state``; on ``connected`` record the device
+        (or, with ``keep_device``, put it back as it was recorded)."""
         with self._tx() as db:
-            if state is ConnectionState.CONNECTED:
+            if state is ConnectionState.CONNECTED and not keep_device:
                 db.execute(
                     "UPDATE connections SET state = ?, device_path = ?, device_info = ?,"
                     " connected_at = ?, boot_id = coalesce(?, boot_id)"

@@ -15,6 +15,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from hostagent.guests import Guests as HostGuests
 from tests.integration.support import (
     LIBVIRT_URI,
     Daemon,
@@ -102,3 +103,12 @@ def daemon_factory(short_dir: Path) -> Iterator[DaemonFactory]:
 @pytest.fixture
 def daemon(daemon_factory: DaemonFactory) -> Daemon:
     return daemon_factory()
+
+
+@pytest.fixture
+def host_guests() -> Iterator[HostGuests]:
+    """The daemon's own libvirt wrapper, for tests that run the service in-process."""
+    guests = HostGuests(LIBVIRT_URI, connections=1)
+    guests.start()
+    yield guests
+    guests.stop()

@@ -26,7 +26,12 @@ import libvirt_qemu
 from lxml import etree
 
 from hostagent.client import ApiError, HostagentClient
+from hostagent.connectors import Connector, ConnectorRegistry
+from hostagent.guests import Guests as HostGuests
+from hostagent.locks import HostLocks
 from hostagent.references import processes_holding
+from hostagent.service import AttachmentService, ServiceSettings
+from hostagent.store import Store
 
 LIBVIRT_URI = "qemu:///system"
 GUEST_PREFIX = "hatest-"
@@ -396,3 +401,17 @@ def assert_consistent(
             assert users, f"connection {key} has no users"
         assert connection.state == "connected", connection
         assert connection.host_refcount == len(users)
+
+
+def service_with(
+    connector: Connector, state_dir: Path, guests: HostGuests, *, boot_id: str = ""
+) -> AttachmentService:
+    """The attachment service in-process, its state in ``state_dir``, with
+    ``connector`` (a recording fake where a test must fail os-brick) for ``local``."""
+    return AttachmentService(
+        store=Store(state_dir / "state.sqlite3"),
+        guests=guests,
+        registry=ConnectorRegistry({"local": connector}),
+        locks=HostLocks(state_dir / "locks"),
+        settings=ServiceSettings(detach_timeout=5, detach_retry_interval=1, boot_id=boot_id),
+    )

@@ -8,21 +8,25 @@ first time, because a failing flush cannot be made on this machine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hostagent.connectors import ConnectorError, ConnectorRegistry, HostDevice, Target
+from hostagent.connectors import ConnectorError, HostDevice, Target
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import ConnectFailed, DisconnectFailed, LibvirtError, LibvirtUnavailable
 from hostagent.guests import Guests as HostGuests
-from hostagent.locks import HostLocks
 from hostagent.models import AttachRequest
 from hostagent.reconcile import Reconciler
-from hostagent.service import AttachmentService, ServiceSettings
-from hostagent.store import AttachmentState, ConnectionState, Store
-from tests.integration.support import Guests, LoopDevices, local_request, unique
+from hostagent.store import AttachmentState, ConnectionState
+from tests.integration.support import (
+    Guests,
+    LoopDevices,
+    hand_made_disk,
+    local_request,
+    service_with,
+    unique,
+)
 
 
 class FailingFirstDisconnect(LocalConnector):
@@ -44,26 +48,6 @@ class FailingFirstDisconnect(LocalConnector):
         if len(self.disconnects) <= self.failures:
             raise ConnectorError("flush of /dev/sdz failed: I/O error")
         super().disconnect(target, device)
-
-
-@pytest.fixture
-def host_guests() -> Iterator[HostGuests]:
-    guests = HostGuests("qemu:///system", connections=1)
-    guests.start()
-    yield guests
-    guests.stop()
-
-
-def service_with(
-    connector: LocalConnector, tmp_path: Path, guests: HostGuests
-) -> AttachmentService:
-    return AttachmentService(
-        store=Store(tmp_path / "state.sqlite3"),
-        guests=guests,
-        registry=ConnectorRegistry({"local": connector}),
-        locks=HostLocks(tmp_path / "locks"),
-        settings=ServiceSettings(detach_timeout=5, detach_retry_interval=1),
-    )
 
 
 def test_a_failed_disconnect_keeps_the_detach_open_and_a_retry_finishes_it(
@@ -204,3 +188,37 @@ def test_a_failed_connect_leaves_nothing_but_what_its_cleanup_could_not_undo(
     assert store.list_connections() == [] and store.list_attachments() == []
     assert connector.disconnects == [key] * 2
     store.close()
+
+
+def test_a_failed_reconnect_after_a_reboot_never_releases_what_a_domain_still_names(
+    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+) -> None:
+    """A connection kept across a reboot for an operator's disk is connected
+    again by the next attach; if that connect fails, the cleanup must not
+    disconnect or forget it: the operator's domain still names the device."""
+    guest, device = guests.make(), loops.make()
+    key = f"local:{device}"
+    before = service_with(FailingFirstDisconnect(), tmp_path, host_guests, boot_id="boot-a")
+    first = unique("att")
+    request = AttachRequest.model_validate(
+        local_request(device, guest, volume_id="v", multiattach=True)
+    )
+    before.attach(first, request)
+    guest.attach_raw(hand_made_disk(device, target_dev="sdz", unit=9))
+    assert before.detach(first).terminate_connection is False
+    before.store.close()
+
+    connector = FailingConnect(ConnectorError("login timed out"))
+    after = service_with(connector, tmp_path, host_guests, boot_id="boot-b")
+    with pytest.raises(ConnectFailed):
+        after.attach(unique("att"), request)
+    assert connector.disconnects == [], "nothing released under the operator's disk"
+    kept = after.store.get_connection(key)
+    assert kept is not None, "still recorded, for reconcile and doctor to see"
+    assert (kept.state, kept.boot_id, kept.device_path) == (
+        ConnectionState.CONNECTED,
+        "boot-a",
+        device,
+    ), "back as it was: a connection of the earlier boot"
+    assert after.store.list_attachments() == []
+    after.store.close()
