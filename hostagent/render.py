@@ -42,7 +42,8 @@ def disk_source(target: Target, device: HostDevice) -> BlockSource | NetworkSour
             SourceHost(name=str(host).strip("[]"), port=str(port))
             for host, port in zip(props["hosts"], props["ports"], strict=True)
         )
-        # No user, no auth: a secret_uuid sent with auth disabled is ignored.
+        # No user, no auth. With auth_enabled false, parse_target has dropped the
+        # user, keys and secret_uuid; a joined connection's secret is not used.
         secret_uuid = device.device_info.get("secret_uuid") if props.get("auth_username") else None
         return NetworkSource(
             protocol="rbd",

@@ -37,6 +37,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$")
 _USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,253}$")
 _KEYRING_KEY = re.compile(r"^\s*key\s*=\s*(\S+)\s*$", re.MULTILINE)
+# What only means something with cephx: dropped from a target whose
+# connection_info says auth_enabled: false, so nothing asks for a secret.
+_AUTH_FIELDS = ("auth_username", "key", "keyring", "secret_uuid")
 # Secrets the agent defines get a UUID derived from the image, so a retry or
 # a restart finds the same one.
 SECRET_NAMESPACE = uuid.UUID("3f6f6a8e-0a39-4b8e-9b0e-6c1f2f5b7d11")
@@ -98,8 +101,15 @@ class RBDConnector:
         self.attach_mode = attach_mode
         self._secrets = secrets
         self._brick: Any = brick
-        if brick is None and attach_mode == "krbd":
+        if attach_mode == "krbd":
+            self._krbd()
+
+    def _krbd(self) -> Any:
+        """os-brick's RBDConnector for rbd map/unmap, made on first use: a
+        librbd daemon needs it too, to unmap a connection recorded as krbd."""
+        if self._brick is None:
             self._brick = BrickRBDConnector(root_helper=None, do_local_attach=True)
+        return self._brick
 
     def parse_target(self, data: Mapping[str, Any]) -> Target:
         name = data.get("name")
@@ -113,9 +123,32 @@ class RBDConnector:
         cluster = data.get("cluster_name") or "ceph"
         if not isinstance(cluster, str) or not _USER.fullmatch(cluster):
             raise InvalidTarget("rbd cluster_name must be a plain name")
+        auth_enabled = bool(data.get("auth_enabled", True))
+        key, secret_uuid = self._cephx(data) if auth_enabled else (None, None)
+        disk_format = data.get("format", "raw")
+        if not isinstance(disk_format, str):
+            raise InvalidTarget("connection_info.data.format must be a string")
+        properties = {**data, "hosts": hosts, "ports": ports, "cluster_name": cluster}
+        if not auth_enabled:
+            # Ignored, so not kept: no secret is defined, asked for or rendered.
+            for field in _AUTH_FIELDS:
+                properties.pop(field, None)
+        if secret_uuid is not None:
+            properties["secret_uuid"] = secret_uuid
+        if self.attach_mode == "krbd":
+            properties["do_local_attach"] = True
+            if key is not None and not isinstance(data.get("keyring"), str):
+                # os-brick's rbd map reads the key only from keyring text
+                properties["keyring"] = (
+                    f"[client.{properties.get('auth_username')}]\n\tkey = {key}\n"
+                )
+        return Target(self.driver_volume_type, f"rbd:{cluster}/{name}", properties, disk_format)
+
+    def _cephx(self, data: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """The cephx key and secret_uuid of a target with auth enabled, validated."""
         key = cephx_key(data)
         secret_uuid = data.get("secret_uuid")
-        if data.get("auth_enabled", True) and (data.get("auth_username") or key or secret_uuid):
+        if data.get("auth_username") or key or secret_uuid:
             user = data.get("auth_username")
             if not isinstance(user, str) or not _USER.fullmatch(user):
                 raise InvalidTarget("rbd auth_username must be a cephx user name")
@@ -129,20 +162,7 @@ class RBDConnector:
                     "rbd with cephx needs the key (key or keyring) or the secret_uuid of a "
                     "libvirt secret holding it"
                 )
-        disk_format = data.get("format", "raw")
-        if not isinstance(disk_format, str):
-            raise InvalidTarget("connection_info.data.format must be a string")
-        properties = {**data, "hosts": hosts, "ports": ports, "cluster_name": cluster}
-        if secret_uuid is not None:
-            properties["secret_uuid"] = secret_uuid
-        if self.attach_mode == "krbd":
-            properties["do_local_attach"] = True
-            if key is not None and not isinstance(data.get("keyring"), str):
-                # os-brick's rbd map reads the key only from keyring text
-                properties["keyring"] = (
-                    f"[client.{properties.get('auth_username')}]\n\tkey = {key}\n"
-                )
-        return Target(self.driver_volume_type, f"rbd:{cluster}/{name}", properties, disk_format)
+        return key, secret_uuid
 
     def guard(self, target: Target) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -190,7 +210,7 @@ class RBDConnector:
 
     def _map(self, target: Target) -> HostDevice:
         with os_brick_errors(f"rbd map of {target.connection_key}", target.properties):
-            info = self._brick.connect_volume(dict(target.properties))
+            info = self._krbd().connect_volume(dict(target.properties))
         path = info.get("path") if isinstance(info, dict) else None
         if not isinstance(path, str):
             raise ConnectorError(f"rbd map of {target.connection_key} gave no block device")
@@ -199,9 +219,10 @@ class RBDConnector:
     def _unmap(self, target: Target, device: HostDevice) -> None:
         info = dict(device.device_info)
         conf = info.get("conf")
-        if isinstance(conf, str) and not os.path.exists(conf):
-            # os-brick's temporary ceph.conf from the map is gone (a restart with a
-            # fresh /tmp): write another one from the stored properties to unmap.
-            info["conf"] = self._brick.create_non_openstack_config(dict(target.properties))
         with os_brick_errors(f"rbd unmap of {target.connection_key}", target.properties):
-            self._brick.disconnect_volume(dict(target.properties), info)
+            brick = self._krbd()
+            if isinstance(conf, str) and not os.path.exists(conf):
+                # os-brick's temporary ceph.conf from the map is gone (a restart with
+                # a fresh /tmp): write another one from the stored properties to unmap.
+                info["conf"] = brick.create_non_openstack_config(dict(target.properties))
+            brick.disconnect_volume(dict(target.properties), info)

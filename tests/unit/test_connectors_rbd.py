@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from hostagent.connectors import ConnectorError, HostDevice, InvalidTarget
+from hostagent.connectors import rbd as rbd_module
 from hostagent.connectors.base import scrub
 from hostagent.connectors.rbd import SECRET_NAMESPACE, RBDConnector, cephx_key
 from hostagent.libvirt_xml.policy import NetworkSource
-from hostagent.render import disk_source
+from hostagent.render import disk_source, render_disk_xml
 
 KEY = base64.b64encode(b"k" * 28).decode()
 
@@ -40,6 +41,14 @@ class RecordingSecretKeeper:
 
     def has_secret(self, uuid: str) -> bool:
         return uuid in self.secrets or uuid in self.existing
+
+
+class AskedSecretKeeper(RecordingSecretKeeper):
+    """Records has_secret too: a connect that needs no secret never asks."""
+
+    def has_secret(self, uuid: str) -> bool:
+        self.calls.append(("has", uuid))
+        return super().has_secret(uuid)
 
 
 class RecordingBrickRBD:
@@ -170,6 +179,111 @@ def test_the_recorded_mode_wins_over_the_configured_one() -> None:
     # The operator switched to krbd since: the librbd connection is still undone as such.
     RBDConnector(attach_mode="krbd", brick=brick, secrets=keeper).disconnect(target, device)
     assert brick.calls == [] and keeper.secrets == {}
+
+
+def made_on_demand(monkeypatch: pytest.MonkeyPatch, brick: Any) -> list[dict[str, Any]]:
+    """Stand ``brick`` in for os-brick's RBDConnector class; returns how it was made."""
+    made: list[dict[str, Any]] = []
+
+    def construct(**kwargs: Any) -> Any:
+        made.append(kwargs)
+        if isinstance(brick, Exception):
+            raise brick
+        return brick
+
+    monkeypatch.setattr(rbd_module, "BrickRBDConnector", construct)
+    return made
+
+
+def krbd_connection(brick: RecordingBrickRBD) -> tuple[Any, HostDevice]:
+    """A target and device as a krbd daemon recorded them, its /tmp conf since gone."""
+    target = RBDConnector(attach_mode="krbd", brick=brick).parse_target(cinder_data(key=KEY))
+    device = HostDevice(
+        "/dev/rbd0",
+        {"mode": "krbd", "path": "/dev/rbd0", "conf": "/tmp/brickrbd_gone_with_the_restart"},
+    )
+    return target, device
+
+
+def test_a_librbd_daemon_unmaps_a_connection_recorded_as_krbd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The operator switched from krbd to librbd: the mapped image is still unmapped.
+    brick = RecordingBrickRBD()
+    target, device = krbd_connection(RecordingBrickRBD())
+    made = made_on_demand(monkeypatch, brick)
+    keeper = RecordingSecretKeeper()
+    librbd = RBDConnector(secrets=keeper)
+    assert made == [], "os-brick's connector is made only when an unmap needs it"
+    librbd.disconnect(target, device)
+    assert made == [{"root_helper": None, "do_local_attach": True}], "as krbd mode makes it"
+    assert [call for call, _ in brick.calls] == ["write conf", "unmap"]
+    assert brick.calls[-1][1]["path"] == "/dev/rbd0"
+    assert brick.calls[-1][1]["conf"] == "/tmp/brickrbd_new"
+    assert keeper.calls == [], "no secret is touched for a krbd connection"
+
+
+@pytest.mark.parametrize(
+    "brick",
+    [
+        RecordingBrickRBD(failure=OSError(f"rbd unmap --key {KEY} /dev/rbd0: exit 16")),
+        OSError(f"cannot make os-brick's connector for --key {KEY}: exit 16"),
+    ],
+    ids=["unmap fails", "os-brick cannot be made"],
+)
+def test_a_librbd_daemons_krbd_unmap_fails_as_a_connector_error_without_the_key(
+    monkeypatch: pytest.MonkeyPatch, brick: Any
+) -> None:
+    target, device = krbd_connection(RecordingBrickRBD())
+    made_on_demand(monkeypatch, brick)
+    with pytest.raises(ConnectorError) as failure:
+        RBDConnector(secrets=RecordingSecretKeeper()).disconnect(target, device)
+    message = str(failure.value)
+    assert message.startswith("rbd unmap of rbd:ceph/volumes/volume-1 failed: OSError")
+    assert KEY not in message and "***" in message and "exit 16" in message
+
+
+@pytest.mark.parametrize("attach_mode", ["librbd", "krbd"])
+def test_auth_disabled_drops_the_user_keys_and_secret_uuid(attach_mode: str) -> None:
+    connector = RBDConnector(
+        attach_mode=attach_mode, secrets=RecordingSecretKeeper(), brick=RecordingBrickRBD()
+    )
+    for ignored in (
+        {"secret_uuid": 12},
+        {"secret_uuid": "7d7c3e7e-0000-4000-8000-00000000abcd"},
+        {"key": KEY, "keyring": f"[client.cinder]\n\tkey = {KEY}\n", "secret_uuid": 12},
+    ):
+        target = connector.parse_target(cinder_data(auth_enabled=False, **ignored))
+        props = target.properties
+        for field in ("auth_username", "key", "keyring", "secret_uuid"):
+            assert field not in props, f"{field} is kept with auth disabled ({attach_mode})"
+        assert props["name"] == "volumes/volume-1" and props["auth_enabled"] is False
+
+
+def test_auth_disabled_with_a_user_and_secret_uuid_renders_and_connects_without_auth() -> None:
+    operator_uuid = "7d7c3e7e-0000-4000-8000-00000000abcd"
+    data = cinder_data(auth_enabled=False, secret_uuid=operator_uuid)
+    keeper = AskedSecretKeeper()
+    connector = RBDConnector(secrets=keeper)
+    target = connector.parse_target(data)
+    device = connector.connect(target)
+    assert keeper.calls == [], "no secret is asked for, defined or removed"
+    assert device.device_info.get("secret_uuid") is None
+    source = disk_source(target, device)
+    assert isinstance(source, NetworkSource)
+    assert (source.auth_username, source.secret_type, source.secret_uuid) == (None, None, None)
+    xml = render_disk_xml(
+        {"driver_volume_type": "rbd", "data": data},
+        attachment_id="att-1",
+        serial="volume-1",
+        multiattach=False,
+        mode="rw",
+        bus="virtio",
+        target_dev=None,
+    )
+    assert "<auth" not in xml and operator_uuid not in xml and "cinder" not in xml
+    connector.disconnect(target, device)
+    assert keeper.calls == []
 
 
 def test_a_secret_uuid_with_auth_disabled_renders_a_disk_without_auth() -> None:
