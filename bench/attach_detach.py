@@ -10,9 +10,12 @@ drive address) is attached and detached N times
 
 single stream on one guest, then 8 guests in parallel (one thread each), all
 sharing one loop device. Prints p50/p95 per operation and the ratios
-hostagent/raw. Run as root on a host with libvirtd and /dev/kvm:
+hostagent/raw. With ``--proxy-floor`` it measures a third side in the same
+run, (c) a bare HTTP-to-libvirt proxy (bench/proxy_floor.py): what any
+daemon in front of libvirt costs on this machine before it does any work of
+its own. Run as root on a host with libvirtd and /dev/kvm:
 
-    .venv/bin/python bench/attach_detach.py --iterations 100
+    .venv/bin/python bench/attach_detach.py --iterations 100 [--proxy-floor]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import itertools
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +40,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hostagent.client import ApiError, HostagentClient
 from tests.integration.support import (
     Daemon,
     Guest,
@@ -179,11 +184,13 @@ def run_streams(
     return samples
 
 
-def report(name: str, agent: Samples, raw: Samples) -> list[str]:
+def report(name: str, agent: Samples, raw: Samples, side: str = "hostagent") -> list[str]:
+    """``side`` (hostagent, or the proxy floor) against raw libvirt."""
+    process = "hostagentd" if side == "hostagent" else side
     lines = [
         f"## {name}",
         "",
-        "| op | hostagent p50 | hostagent p95 | raw p50 | raw p95 | ratio p50 |",
+        f"| op | {side} p50 | {side} p95 | raw p50 | raw p95 | ratio p50 |",
         "|---|---|---|---|---|---|",
     ]
     for op in ("attach", "detach"):
@@ -197,18 +204,18 @@ def report(name: str, agent: Samples, raw: Samples) -> list[str]:
     cycle_raw = statistics.median(x + y for x, y in zip(raw.attach, raw.detach, strict=True))
     lines += [
         "",
-        f"attach+detach cycle p50: hostagent {cycle_agent * 1000:.1f} ms, raw "
+        f"attach+detach cycle p50: {side} {cycle_agent * 1000:.1f} ms, raw "
         f"{cycle_raw * 1000:.1f} ms, ratio {cycle_agent / cycle_raw:.2f}",
-        f"throughput: hostagent {agent.cycles_per_second():.1f} cycles/s, raw "
-        f"{raw.cycles_per_second():.1f} cycles/s, hostagent/raw "
+        f"throughput: {side} {agent.cycles_per_second():.1f} cycles/s, raw "
+        f"{raw.cycles_per_second():.1f} cycles/s, {side}/raw "
         f"{agent.cycles_per_second() / raw.cycles_per_second():.2f}",
-        f"CPU per cycle: hostagentd {agent.daemon_cpu / len(agent.attach) * 1000:.1f} ms; "
-        f"libvirtd {agent.libvirtd_cpu / len(agent.attach) * 1000:.1f} ms with hostagent, "
+        f"CPU per cycle: {process} {agent.daemon_cpu / len(agent.attach) * 1000:.1f} ms; "
+        f"libvirtd {agent.libvirtd_cpu / len(agent.attach) * 1000:.1f} ms with {side}, "
         f"{raw.libvirtd_cpu / len(raw.attach) * 1000:.1f} ms raw; whole machine "
-        f"{agent.busy / len(agent.attach) * 1000:.1f} ms with hostagent, "
+        f"{agent.busy / len(agent.attach) * 1000:.1f} ms with {side}, "
         f"{raw.busy / len(raw.attach) * 1000:.1f} ms raw",
         f"machine CPU use: {agent.busy / agent.wall / CORES * 100:.0f} % of "
-        f"{CORES} cores with hostagent, "
+        f"{CORES} cores with {side}, "
         f"{raw.busy / raw.wall / CORES * 100:.0f} % raw",
         "",
     ]
@@ -244,21 +251,30 @@ def raw_disk_xml(daemon: Daemon, guests: list[Guest], device: str) -> dict[str, 
 Cycle = Callable[[Guest, int], tuple[float, float]]
 
 
-def measure(
-    daemon: Daemon, plan: list[tuple[Samples, Cycle, list[Guest]]], rounds: int, per_round: int
-) -> None:
+@dataclass
+class Run:
+    """One side of one run: where its samples go, its cycle, its guests, and
+    the process whose CPU is its own (hostagentd, the proxy; none for raw)."""
+
+    samples: Samples
+    cycle: Cycle
+    streams: list[Guest]
+    server_pid: int | None
+
+
+def measure(plan: list[Run], rounds: int, per_round: int) -> None:
     """Run every entry of ``plan`` once per round, so drift hits all of them equally."""
-    assert daemon.process is not None
     libvirtd = libvirtd_pid()
     for _ in range(rounds):
-        for target, cycle, streams in plan:
-            cpu_before = cpu_seconds(daemon.process.pid)
+        for run in plan:
+            target, pid = run.samples, run.server_pid
+            cpu_before = cpu_seconds(pid) if pid else 0.0
             libvirtd_before = cpu_seconds(libvirtd)
             busy_before = machine_busy_seconds()
-            part = run_streams(streams, per_round, cycle)
+            part = run_streams(run.streams, per_round, run.cycle)
             target.busy += machine_busy_seconds() - busy_before
             target.libvirtd_cpu += cpu_seconds(libvirtd) - libvirtd_before
-            target.daemon_cpu += cpu_seconds(daemon.process.pid) - cpu_before
+            target.daemon_cpu += (cpu_seconds(pid) - cpu_before) if pid else 0.0
             target.attach += part.attach
             target.detach += part.detach
             target.wall += part.wall
@@ -274,7 +290,46 @@ def daemon_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
-def main() -> int:
+class ProxyFloor:
+    """bench/proxy_floor.py in a subprocess on its own socket."""
+
+    def __init__(self, socket_path: Path, log_path: Path) -> None:
+        self.client = HostagentClient(str(socket_path))
+        program = Path(__file__).with_name("proxy_floor.py")
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(program), str(socket_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with contextlib.suppress(ApiError):
+                self.client.request("GET", "/v1/health")
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the proxy floor did not start; see {log_path}")
+
+    def cycle(self, guest: Guest, attachment_id: str, xml: str) -> tuple[float, float]:
+        path = f"/v1/attachments/{attachment_id}"
+        body = {"domain_uuid": guest.uuid, "xml": xml, "alias": "ua-raw"}
+        started = time.perf_counter()
+        self.client.request("PUT", path, body)
+        attached = time.perf_counter()
+        self.client.request("DELETE", path)
+        return attached - started, time.perf_counter() - attached
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=50, help="cycles per stream")
     parser.add_argument("--parallel", type=int, default=8, help="guests in the parallel run")
@@ -286,7 +341,16 @@ def main() -> int:
         help="a config option for the measured hostagentd (repeatable), "
         "e.g. DEFAULT.default_log_levels=hostagent=WARN",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--proxy-floor",
+        action="store_true",
+        help="also measure a bare HTTP-to-libvirt proxy (bench/proxy_floor.py) in the same run",
+    )
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
 
     conn = start_libvirt_events()
     remove_stale_guests(conn)
@@ -300,10 +364,12 @@ def main() -> int:
         workdir / "daemon.log",
         options={"reconcile.interval": "0", **daemon_options(args.daemon_option)},
     )
+    proxy: ProxyFloor | None = None
     try:
         device = loops.make(16)
         guests = [made.make() for _ in range(args.parallel)]
         daemon.start()
+        assert daemon.process is not None
         print(f"guests idle after {wait_until_idle(guests):.0f} s", file=sys.stderr)
         xml_of = raw_disk_xml(daemon, guests, device)
         ids = itertools.count()
@@ -317,34 +383,46 @@ def main() -> int:
         def raw(guest: Guest, i: int) -> tuple[float, float]:
             return raw_cycle(guest, handles[guest.uuid], xml_of[guest.uuid], "ua-raw", removals)
 
-        run_streams(guests[:1], 3, agent)  # warm both paths
+        run_streams(guests[:1], 3, agent)  # warm every path
         run_streams(guests[:1], 3, raw)
         single_agent, single_raw = Samples(), Samples()
         parallel_agent, parallel_raw = Samples(), Samples()
+        plan = [
+            Run(single_agent, agent, guests[:1], daemon.process.pid),
+            Run(single_raw, raw, guests[:1], None),
+            Run(parallel_agent, agent, guests, daemon.process.pid),
+            Run(parallel_raw, raw, guests, None),
+        ]
+        single_proxy, parallel_proxy = Samples(), Samples()
+        if args.proxy_floor:
+            floor = proxy = ProxyFloor(workdir / "proxy.sock", workdir / "proxy.log")
+
+            def bare(guest: Guest, i: int) -> tuple[float, float]:
+                return floor.cycle(guest, f"proxy-{next(ids)}", xml_of[guest.uuid])
+
+            run_streams(guests[:1], 3, bare)
+            plan += [
+                Run(single_proxy, bare, guests[:1], floor.process.pid),
+                Run(parallel_proxy, bare, guests, floor.process.pid),
+            ]
         rounds = 5
         per_round = max(1, args.iterations // rounds)
-        measure(
-            daemon,
-            [
-                (single_agent, agent, guests[:1]),
-                (single_raw, raw, guests[:1]),
-                (parallel_agent, agent, guests),
-                (parallel_raw, raw, guests),
-            ],
-            rounds,
-            per_round,
-        )
+        measure(plan, rounds, per_round)
         lines = [
             f"# attach/detach benchmark: {per_round * rounds} cycles per stream, "
             f"{args.parallel} guests in parallel, {len(guests)} guests defined",
             "",
         ]
-        lines += report("single stream (1 guest)", single_agent, single_raw)
-        lines += report(
-            f"parallel ({args.parallel} guests, one thread each)", parallel_agent, parallel_raw
-        )
+        single, parallel = "single stream (1 guest)", f"parallel ({args.parallel} guests)"
+        lines += report(single, single_agent, single_raw)
+        lines += report(parallel, parallel_agent, parallel_raw)
+        if proxy is not None:
+            lines += report(f"{single}, the proxy floor", single_proxy, single_raw, "proxy")
+            lines += report(f"{parallel}, the proxy floor", parallel_proxy, parallel_raw, "proxy")
         print("\n".join(lines))
     finally:
+        if proxy is not None:
+            proxy.stop()
         daemon.stop()
         made.cleanup()
         loops.cleanup()
