@@ -222,3 +222,30 @@ def test_a_failed_reconnect_after_a_reboot_never_releases_what_a_domain_still_na
     ), "back as it was: a connection of the earlier boot"
     assert after.store.list_attachments() == []
     after.store.close()
+
+
+class LibvirtFailingDisconnect(FailingFirstDisconnect):
+    """A connector whose disconnect fails in libvirt (rbd's secret removal)."""
+
+    def disconnect(self, target: Target, device: HostDevice) -> None:
+        self.disconnects.append(target.connection_key)
+        if len(self.disconnects) <= self.failures:
+            raise LibvirtError("undefine secret 3f6f: operation failed")
+        super().disconnect(target, device)
+
+
+def test_a_disconnect_failing_in_libvirt_is_a_disconnect_failed_to_retry(
+    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+) -> None:
+    service = service_with(LibvirtFailingDisconnect(), tmp_path, host_guests)
+    guest, device = guests.make(), loops.make()
+    attachment_id = unique("att")
+    service.attach(
+        attachment_id, AttachRequest.model_validate(local_request(device, guest, volume_id="v"))
+    )
+    with pytest.raises(DisconnectFailed, match=r"undefine secret 3f6f.*retry the DELETE"):
+        service.detach(attachment_id)
+    record = service.store.get_attachment(attachment_id)
+    assert record is not None and record.state is AttachmentState.DETACHING
+    assert service.detach(attachment_id).terminate_connection is True
+    service.store.close()
