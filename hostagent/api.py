@@ -226,11 +226,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """API.md: a body over 1 MiB is 413 on every route, whether or not the route
-    reads a body (aiohttp's own limit only applies when one is read)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=MAX_BODY_BYTES, actual_size=request.content_length
-        )
+    reads a body (aiohttp's own limit only applies when one is read).
+
+    A Content-Length says the size up front. A chunked body does not: read it
+    here, where aiohttp's client_max_size raises 413 past the limit; the bytes
+    stay cached on the request, so a handler's own read() still gets them.
+    """
+    if request.content_length is not None:
+        if request.content_length > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_BODY_BYTES, actual_size=request.content_length
+            )
+    elif request.body_exists:
+        await request.read()  # over MAX_BODY_BYTES: HTTPRequestEntityTooLarge
     return await handler(request)
 
 

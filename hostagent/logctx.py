@@ -92,11 +92,17 @@ class ContextFilter(logging.Filter):
 
 
 # cephx keys, which oslo's mask_password leaves alone: a "key" or "keyring"
-# field (dict repr, JSON, ini) followed by a base64 value, and the "key = ..."
-# line inside keyring text. Not "connection_key" and the like.
+# field (dict repr, JSON, ini) followed by a base64 value, the "key = ..." line
+# inside keyring text, and "--key <key>" on an rbd command line (os-brick's), in
+# any case, the value maybe a bytes repr (b'...'). Not "connection_key" and the
+# like, and not a value that is no 20+ character base64 run ("--keyring <path>").
 _CEPHX_KEY = re.compile(
     r"(?:(?<![A-Za-z_])|(?<=\\[tn]))"  # not inside a name; a repr's "\tkey" is fine
-    r"(key(?:ring)?['\"]?\s*[:=]\s*['\"]?)[A-Za-z0-9+/]{20,}={0,2}"
+    r"(key(?:ring)?"
+    r"['\"]?(?:\s*[:=,]\s*|\s+)"  # key: key= key', '  (an argv repr) or "--key <key>"
+    r"(?:b?['\"])?)"  # the value's quote, or a bytes repr's b'
+    r"[A-Za-z0-9+/]{20,}={0,2}",
+    re.IGNORECASE,
 )
 
 
@@ -105,22 +111,58 @@ def mask_secrets(text: str) -> str:
     return _CEPHX_KEY.sub(r"\1***", strutils.mask_password(text))
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 class SecretFilter(logging.Filter):
-    """Masks passwords, keys and secrets in every line, whoever logs it."""
+    """Masks passwords, keys and secrets in every line, whoever logs it, and in
+    the traceback of ``LOG.exception`` (a chained exception's text is in it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         masked = mask_secrets(message)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            # What logging.Formatter.format would put there; it (and a handler
+            # such as oslo.log's journald one) reuses exc_text when it is set.
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_secrets(record.exc_text)
         return True
 
 
+class MaskingFormatter(logging.Formatter):
+    """A handler's formatter whose output is masked as well.
+
+    oslo.log's ContextFormatter ignores a masked ``exc_text``: it formats the
+    traceback again from ``exc_info`` and appends the exception's first line
+    (``error_summary``, from ``exc_info`` or the exception being handled), which
+    no filter can reach. So the line it writes is masked once more here.
+    """
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = mask_secrets(self.inner.format(record))
+        if record.exc_text:  # the inner formatter's own, for handlers that reuse it
+            record.exc_text = mask_secrets(record.exc_text)
+        return line
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return mask_secrets(self.inner.formatException(ei))
+
+
 def install_filters(logger: logging.Logger | None = None) -> None:
-    """Add both filters to every handler of ``logger`` (the root logger by default)."""
+    """Add both filters to every handler of ``logger`` (the root logger by default)
+    and mask what its formatter writes."""
     for handler in (logger or logging.getLogger()).handlers:
         handler.addFilter(ContextFilter())
         handler.addFilter(SecretFilter())
+        if not isinstance(handler.formatter, MaskingFormatter):
+            handler.setFormatter(MaskingFormatter(handler.formatter or logging.Formatter()))
         fields = getattr(handler, "custom_fields", None)
         if isinstance(fields, tuple) and JOURNAL_FIELDS[0] not in fields:
             handler.custom_fields = fields + JOURNAL_FIELDS  # type: ignore[attr-defined]

@@ -39,13 +39,22 @@ def snapshot(daemon: Daemon, guest: Guest) -> tuple[Any, ...]:
     return rows, len(guest.disks()), daemon.client.list(), daemon.client.connections()
 
 
-def raw(client: HostagentClient, method: str, path: str, payload: bytes) -> tuple[int, Any]:
-    """Send bytes as they are (the client would encode them)."""
+def raw(
+    client: HostagentClient, method: str, path: str, payload: bytes, *, chunked: bool = False
+) -> tuple[int, Any]:
+    """Send bytes as they are (the client would encode them); ``chunked`` sends
+    them with Transfer-Encoding: chunked, in 64 KiB chunks, and no Content-Length."""
     conn = http.client.HTTPConnection("localhost")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(client.socket_path)
     conn.sock = sock
-    conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+        chunks = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
+        conn.request(method, path, body=chunks, headers=headers, encode_chunked=True)
+    else:
+        conn.request(method, path, body=payload, headers=headers)
     response = conn.getresponse()
     body = response.read()
     conn.close()
@@ -155,6 +164,40 @@ def test_bad_requests_are_refused_and_change_nothing(
 
     assert snapshot(daemon, guest) == before
     shm_file.unlink()
+
+
+def test_chunked_body_over_1mib_is_413_and_changes_nothing(
+    daemon: Daemon, guests: Guests, loops: LoopDevices
+) -> None:
+    """API.md: a body over 1 MiB is 413 on every route. A chunked body has no
+    Content-Length to check up front; the DELETE of a live attachment and the
+    reconcile that would otherwise run must still be refused, and do nothing."""
+    guest = guests.make()
+    client = daemon.client
+    attachment_id = unique("att")
+    # A small chunked body is served: the middleware reads it, the handler gets it.
+    small = json.dumps(local_request(loops.make(), guest, volume_id="vol-1")).encode()
+    status, reply = raw(client, "PUT", f"/v1/attachments/{attachment_id}", small, chunked=True)
+    assert (status, reply["attachment_id"]) == (201, attachment_id), reply
+    before = snapshot(daemon, guest)
+    huge = b'{"volume_id": "' + b"x" * (1024 * 1024 + 100 * 1024) + b'"}'  # ~1.1 MiB
+    for method, path in [
+        ("DELETE", f"/v1/attachments/{attachment_id}"),
+        ("POST", "/v1/reconcile"),
+        ("GET", "/v1/attachments"),
+    ]:
+        status, reply = raw(client, method, path, huge, chunked=True)
+        assert status == 413, (method, status, reply)
+        assert reply == {
+            "error": {
+                "code": "request_too_large",
+                "message": "request body larger than 1048576 bytes",
+            }
+        }, method
+        assert snapshot(daemon, guest) == before, method
+    status, reply = raw(client, "POST", "/v1/reconcile", b"{}", chunked=True)
+    assert status == 200, reply
+    client.detach(attachment_id)
 
 
 def test_iscsi_login_failure_is_502_leaves_nothing_and_hides_chap(
