@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -92,8 +94,10 @@ def test_disk_added_by_hand_keeps_the_host_connection(
     assert client.connections().connections == []
 
 
-def hold_open(device: str, *, seconds: float) -> subprocess.Popen[str]:
-    """A plain process that has ``device`` open for ``seconds``; returns once it has."""
+@contextlib.contextmanager
+def hold_open(device: str, *, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """A plain process that has ``device`` open for ``seconds``, from when the
+    block starts; killed (if still there) and reaped when it ends."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -106,8 +110,14 @@ def hold_open(device: str, *, seconds: float) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdout.readline() == "open\n"
-    return holder
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "open\n", f"{device} could not be opened"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def test_a_process_holding_the_device_keeps_the_host_connection(
@@ -121,16 +131,12 @@ def test_a_process_holding_the_device_keeps_the_host_connection(
     guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
-    holder = hold_open(device, seconds=120)
-    try:
+    with hold_open(device, seconds=120) as holder:
         result = client.detach(attachment_id)
         assert (result.host_disconnected, result.terminate_connection) == (False, False)
         [connection] = client.connections().connections
         assert connection.state == "connected" and connection.host_refcount == 0
         assert f"process {holder.pid} (python" in daemon.log()
-    finally:
-        holder.kill()
-        holder.wait()
     report = client.reconcile()
     assert [a.action for a in report.actions] == ["disconnected"]
     assert client.connections().connections == []
@@ -148,11 +154,8 @@ def test_a_brief_open_of_the_device_does_not_keep_the_connection(
     guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
-    prober = hold_open(device, seconds=0.5)
-    try:
+    with hold_open(device, seconds=0.5):
         result = client.detach(attachment_id)
-    finally:
-        prober.wait()
     assert (result.host_disconnected, result.terminate_connection) == (True, True)
     assert client.connections().connections == []
 

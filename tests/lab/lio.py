@@ -4,7 +4,8 @@
 LUN's backing file, write one targetctl configuration and load it with
 ``lio_restore`` (tests/lab/scenario.sh). The configuration names the
 initiator as ``$INITIATOR``, which the scenario sets from
-``initiator_name`` before these lines run.
+``initiator_name`` before these lines run; nothing else in it is touched by
+the shell (a CHAP password may hold ``$``, ``\\`` or a backtick).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 BACKING_DIR = "/var/lib/lab"
 CONFIG = "/tmp/lio.json"
+# Written into the configuration, replaced by the initiator's name in the VM.
+INITIATOR_MARK = "@INITIATOR@"
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class LioLun:
         }
 
     def target(self) -> dict[str, Any]:
-        acl: dict[str, Any] = {"node_wwn": "$INITIATOR"}
+        acl: dict[str, Any] = {"node_wwn": INITIATOR_MARK}
         if self.chap is not None:
             acl["chap_userid"], acl["chap_password"] = self.chap
         acl["mapped_luns"] = [{"index": 0, "tpg_lun": 0, "write_protect": False}]
@@ -52,16 +55,21 @@ class LioLun:
         return {"fabric": "iscsi", "wwn": self.iqn, "tpgs": [tpg]}
 
 
-def lio_setup(*luns: LioLun) -> str:
-    """Shell lines: backing files, the configuration, one ``lio_restore``."""
-    config = {
-        "storage_objects": [lun.storage_object() for lun in luns],
-        "targets": [lun.target() for lun in luns],
-    }
-    text = json.dumps(config, indent=1)
-    if "$" in text.replace("$INITIATOR", ""):
-        raise ValueError("a '$' in the LIO configuration would be expanded by the shell")
+def lio_setup(*luns: LioLun, config: str = CONFIG) -> str:
+    """Shell lines: backing files, the configuration (at ``config``), one ``lio_restore``."""
+    text = json.dumps(
+        {
+            "storage_objects": [lun.storage_object() for lun in luns],
+            "targets": [lun.target() for lun in luns],
+        },
+        indent=1,
+    )
+    if any(line.strip() == "EOF" for line in text.splitlines()):
+        raise ValueError("the LIO configuration holds the here-document's end marker")
     lines = [f"mkdir -p {BACKING_DIR}"]
     lines += [f"truncate -s {lun.size_mb}M {BACKING_DIR}/{lun.name}.img" for lun in luns]
-    lines += [f"cat >{CONFIG} <<EOF", text, "EOF", f"lio_restore {CONFIG}"]
+    # A quoted here-document: the shell expands nothing in the JSON; only the
+    # initiator's mark is replaced afterwards.
+    lines += [f"cat >{config} <<'EOF'", text, "EOF"]
+    lines += [f'sed -i "s|{INITIATOR_MARK}|$INITIATOR|g" {config}', f"lio_restore {config}"]
     return "\n".join(lines) + "\n"
