@@ -124,8 +124,7 @@ class HostConnections:
             assert connection is not None, "an attachment row always has its connection"
             if self._usable(connection):
                 return False
-            earlier_boot = connection.state is ConnectionState.CONNECTED
-            if earlier_boot:
+            if connection.state is ConnectionState.CONNECTED:
                 LOG.info("%s was connected in an earlier boot", key)
             if connection.state is not ConnectionState.CONNECTING:
                 self.store.set_connection_state(key, ConnectionState.CONNECTING)
@@ -139,9 +138,7 @@ class HostConnections:
                     "attachment %s: connect %s failed: %s", record.attachment_id, key, _why(exc)
                 )
                 self.store.forget_attachment(record.attachment_id)
-                cleaned = self._clean_up_failed_connect(
-                    record, connector, target, connection, earlier_boot
-                )
+                cleaned = self._clean_up_failed_connect(record, connector, target, connection)
                 if isinstance(exc, HostagentError):
                     raise
                 left = "" if cleaned else "; its cleanup failed too, reconcile will release it"
@@ -162,23 +159,23 @@ class HostConnections:
         connector: Connector,
         target: Target,
         connection: ConnectionRecord,
-        earlier_boot: bool,
     ) -> bool:
         """Undo what a failed connect may have left, unless someone still needs
         it; False if a cleanup disconnect was needed and failed.
 
-        A connection an earlier boot made may have been kept for a domain that
-        names its device (an operator's disk): that one goes back to how it
-        was, for reconcile's guarded release, and is never disconnected here.
-        Otherwise, kept while other attachments use it; if the cleanup fails,
-        left ``disconnecting`` with no users for reconcile, never forgotten.
+        ``connection`` is the row as it was before the connect. One an earlier
+        boot made (connected, or left connecting by a crash) may be kept for a
+        domain that names its device: like every release, the cleanup
+        disconnects only when no attachment uses it and no domain or process
+        holds the device. Otherwise the row goes back to its state, for the
+        attach that waits on it or for reconcile's guarded release; a failed
+        cleanup leaves it ``disconnecting`` with no users, never forgotten.
         """
         key = target.connection_key
-        if earlier_boot and self._still_referenced(record, connection):
-            self.store.set_connection_state(key, ConnectionState.CONNECTED, keep_device=True)
+        unused = self.store.refcount(key) == 0 and not self._still_referenced(record, connection)
+        if not (unused and self.store.mark_disconnecting(key)):
+            self.store.set_connection_state(key, connection.state, keep_device=True)
             return True
-        if not self.store.mark_disconnecting(key):
-            return True  # other attachments use it
         if not self._best_effort_disconnect(connector, target, None):
             return False
         self.store.drop_connection(key)
@@ -281,8 +278,17 @@ class HostConnections:
         body = self.store.release_if_shared(record, shared)
         if body is None:
             with self.exclusive(key):
-                body = detach_body(record, 0, released=True)
-                self.store.finish_detach(record, body, drop_connection=True)
+                connection = self.store.get_connection(key)
+                if connection is not None and not connection.from_earlier_boot(self.boot_id):
+                    # Connected again in this boot since reconcile listed it (an
+                    # attach did): a real last release, guarded, with its disconnect.
+                    body = self._release_last(record, shared)
+                elif self.store.mark_disconnecting(key, excluding=record.attachment_id):
+                    body = detach_body(record, 0, released=True)
+                    self.store.finish_detach(record, body, drop_connection=True)
+                else:  # an attach joined it meanwhile
+                    body = shared(self.store.refcount(key) - 1)
+                    self.store.finish_detach(record, body, drop_connection=False)
         return DetachResult.model_validate(body)
 
     def disconnect_unused(self, connection: ConnectionRecord) -> bool:

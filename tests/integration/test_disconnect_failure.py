@@ -190,12 +190,20 @@ def test_a_failed_connect_leaves_nothing_but_what_its_cleanup_could_not_undo(
     store.close()
 
 
+@pytest.mark.parametrize(
+    "recorded", [ConnectionState.CONNECTED, ConnectionState.CONNECTING], ids=str
+)
 def test_a_failed_reconnect_after_a_reboot_never_releases_what_a_domain_still_names(
-    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+    tmp_path: Path,
+    host_guests: HostGuests,
+    guests: Guests,
+    loops: LoopDevices,
+    recorded: ConnectionState,
 ) -> None:
-    """A connection kept across a reboot for an operator's disk is connected
-    again by the next attach; if that connect fails, the cleanup must not
-    disconnect or forget it: the operator's domain still names the device."""
+    """A connection kept across a reboot for an operator's disk (connected, or
+    left connecting by a crash in the middle of a connect) is connected again
+    by the next attach; if that connect fails, the cleanup must not disconnect
+    or forget it: the operator's domain still names the device."""
     guest, device = guests.make(), loops.make()
     key = f"local:{device}"
     before = service_with(FailingFirstDisconnect(), tmp_path, host_guests, boot_id="boot-a")
@@ -206,6 +214,7 @@ def test_a_failed_reconnect_after_a_reboot_never_releases_what_a_domain_still_na
     before.attach(first, request)
     guest.attach_raw(hand_made_disk(device, target_dev="sdz", unit=9))
     assert before.detach(first).terminate_connection is False
+    before.store.set_connection_state(key, recorded, keep_device=True)
     before.store.close()
 
     connector = FailingConnect(ConnectorError("login timed out"))
@@ -216,7 +225,7 @@ def test_a_failed_reconnect_after_a_reboot_never_releases_what_a_domain_still_na
     kept = after.store.get_connection(key)
     assert kept is not None, "still recorded, for reconcile and doctor to see"
     assert (kept.state, kept.boot_id, kept.device_path) == (
-        ConnectionState.CONNECTED,
+        recorded,
         "boot-a",
         device,
     ), "back as it was: a connection of the earlier boot"

@@ -18,7 +18,7 @@ import pytest
 
 from hostagent import host_connections
 from hostagent.connectors.local import LocalConnector
-from hostagent.errors import LibvirtError
+from hostagent.errors import DetachTimeout, LibvirtError
 from hostagent.guests import Guests as HostGuests
 from hostagent.models import AttachRequest
 from hostagent.reconcile import Reconciler
@@ -187,3 +187,76 @@ def test_reconcile_does_not_connect_again_what_an_attach_just_reconnected(
     connection = after.store.get_connection(key)
     assert connection is not None and connection.boot_id == "boot-b"
     after.store.close()
+
+
+def test_reconcile_releases_for_real_a_connection_reconnected_since_its_listing(
+    tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
+) -> None:
+    """The reboot pass drops, without a disconnect, the connection of an
+    attachment whose guest is gone: the reboot took it down. Not if an attach
+    connected it again in this boot since the listing: then dropping it would
+    leak a live connection; it is released like any last detach."""
+    gone, device = guests.make(), loops.make()
+    key = f"local:{device}"
+    before = service_with(LocalConnector(), tmp_path, host_guests, boot_id="boot-a")
+    stale = unique("att")
+    before.attach(
+        stale,
+        AttachRequest.model_validate(local_request(device, gone, volume_id="v", multiattach=True)),
+    )
+    before.store.close()
+    gone.dom.destroy()  # transient: gone with the reboot
+
+    connector = FailingFirstDisconnect(failures=0)
+    after = service_with(connector, tmp_path, host_guests, boot_id="boot-b")
+    listed = after.store.get_connection(key)
+    assert listed is not None and listed.boot_id == "boot-a"
+    fresh = unique("att")
+    after.attach(
+        fresh,
+        AttachRequest.model_validate(
+            local_request(device, guests.make(), volume_id="v", multiattach=True)
+        ),
+    )
+    after.detach(fresh)  # shared with the stale one: the connection stays, of boot-b
+    assert connector.connects == [key] and connector.disconnects == []
+
+    actions = Reconciler(after, tombstone_ttl=86400)._after_reboot(listed)
+    assert [(a.action, a.subject) for a in actions] == [("released_after_reboot", stale)]
+    assert connector.disconnects == [key], "disconnected, not dropped while connected"
+    assert after.store.get_connection(key) is None
+    tombstone = after.store.get_tombstone(stale)
+    assert tombstone is not None and tombstone.result["terminate_connection"] is True
+    after.store.close()
+
+
+def test_a_retried_delete_waits_for_the_unplug_qemu_refuses_to_repeat(
+    tmp_path: Path,
+    host_guests: HostGuests,
+    guests: Guests,
+    loops: LoopDevices,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a 504 the unplug is still pending in the guest. Newer QEMUs refuse
+    to repeat it ("already in the process of unplug"; this machine's accepts
+    the repeat, so a recording fake gives that answer): the retried DELETE
+    must wait for the guest again (504), not report libvirt's refusal (502)."""
+    service = service_with(LocalConnector(), tmp_path, host_guests)
+    guest, device = guests.make(), loops.make()
+    attachment_id = unique("att")
+    service.attach(
+        attachment_id,
+        AttachRequest.model_validate(local_request(device, guest, volume_id="v", bus="virtio")),
+    )
+    with pytest.raises(DetachTimeout):
+        service.detach(attachment_id)  # a firmware-only guest never acks a PCIe unplug
+
+    def refuse_repeat(domain_uuid: str, alias: str, *, live: bool, config: bool) -> None:
+        raise LibvirtError(f"detach {alias}: Device {alias} is already in the process of unplug")
+
+    monkeypatch.setattr(host_guests, "detach_alias", refuse_repeat)
+    with pytest.raises(DetachTimeout):
+        service.detach(attachment_id)
+    record = service.store.get_attachment(attachment_id)
+    assert record is not None and record.state.value == "detaching"
+    service.store.close()
