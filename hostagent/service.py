@@ -330,7 +330,10 @@ class AttachmentService:
         if domain is None:
             return
         presence = (domain.active, domain.persistent)
-        unplugging = False  # libvirt took a live unplug that may still be pending
+        # A live unplug libvirt took may still be pending: one this call asks
+        # for, or (a retried DELETE) the one an earlier call asked for. QEMU
+        # refuses to repeat a pending unplug; that refusal is no answer.
+        unplugging = record.state is AttachmentState.DETACHING
         while presence != (False, False):
             remaining = deadline - self._monotonic()
             if remaining <= 0:
