@@ -92,15 +92,18 @@ class ContextFilter(logging.Filter):
 
 
 # cephx keys, which oslo's mask_password leaves alone: a "key" or "keyring"
-# field (dict repr, JSON, ini) followed by a base64 value, the "key = ..." line
-# inside keyring text, and "--key <key>" on an rbd command line (os-brick's), in
-# any case, the value maybe a bytes repr (b'...'). Not "connection_key" and the
-# like, and not a value that is no 20+ character base64 run ("--keyring <path>").
+# field (dict repr, JSON, ini, yaml) followed by a base64 value, the "key = ..."
+# line inside keyring text, and rbd's "--key <key>" (os-brick's command line,
+# as text or as an argv repr), in any case, the value maybe a bytes repr
+# (b'...'). Not "connection_key" and the like, not a plain "key <word>" (a
+# multipath WWID), and not a value that is no 20+ character base64 run.
 _CEPHX_KEY = re.compile(
     r"(?:(?<![A-Za-z_])|(?<=\\[tn]))"  # not inside a name; a repr's "\tkey" is fine
-    r"(key(?:ring)?"
-    r"['\"]?(?:\s*[:=,]\s*|\s+)"  # key: key= key', '  (an argv repr) or "--key <key>"
-    r"(?:b?['\"])?)"  # the value's quote, or a bytes repr's b'
+    r"("
+    r"key(?:ring)?['\"]?\s*[:=]\s*(?:b?['\"])?"  # key: v  key=v  'key': 'v'  key=b'v'
+    r"|key['\"],\s*b?['\"]"  # an argv repr: '--key', 'v'
+    r"|(?<=--)key\s+"  # --key v
+    r")"
     r"[A-Za-z0-9+/]{20,}={0,2}",
     re.IGNORECASE,
 )

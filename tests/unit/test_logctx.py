@@ -71,6 +71,8 @@ def test_keys_and_passwords_are_masked(text: str) -> None:
         "the key is not in the keyring",
         f"connection_key {KEY}",
         f"MONKEY = {KEY}",
+        "multipath key 36001405d8a8b6b1c2c34a4f9a2b1c0d9",
+        "rbd map volumes/v1 --keyring /etc/ceph/keyrings/client/cinder/keyring",
     ],
 )
 def test_what_only_names_a_secret_is_left_alone(text: str) -> None:
