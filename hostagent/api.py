@@ -51,6 +51,9 @@ from hostagent.views import connection_list
 LOG = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+# A client that stops sending its body half way gets 408, not a request (and a
+# worker of the event loop's attention) held until it goes away.
+BODY_TIMEOUT_SECONDS = 30.0
 _ID = re.compile(ID_PATTERN)
 T = TypeVar("T")
 
@@ -182,6 +185,7 @@ def model_response(model: BaseModel, status: int = 200) -> web.Response:
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
 }
 
@@ -238,8 +242,20 @@ async def body_limit_middleware(request: web.Request, handler: Handler) -> web.S
                 max_size=MAX_BODY_BYTES, actual_size=request.content_length
             )
     elif request.body_exists:
-        await request.read()  # over MAX_BODY_BYTES: HTTPRequestEntityTooLarge
+        await read_body(request)
     return await handler(request)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, read once (aiohttp keeps it for later reads): 413 past
+    MAX_BODY_BYTES, 408 if it does not arrive within BODY_TIMEOUT_SECONDS."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {BODY_TIMEOUT_SECONDS:g}s"
+        ) from None
 
 
 class ApiHandlers:
@@ -284,7 +300,7 @@ class ApiHandlers:
 
     @staticmethod
     async def _body(request: web.Request, model: type[T]) -> T:
-        raw = await request.read()  # over MAX_BODY_BYTES: 413 (middleware, client_max_size)
+        raw = await read_body(request)
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

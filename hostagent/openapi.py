@@ -68,7 +68,11 @@ def build_openapi() -> dict[str, Any]:
                 "description": model.__doc__.strip().splitlines()[0] if model.__doc__ else "OK",
                 "content": {"application/json": {"schema": _ref(model)}},
             }
-        every_route = {403: ("forbidden",), 413: ("request_too_large",)}
+        every_route = {
+            403: ("forbidden",),
+            408: ("request_timeout",),
+            413: ("request_too_large",),
+        }
         for status, codes in sorted({**every_route, **route.errors}.items()):
             operation["responses"][str(status)] = {
                 "description": "error: " + ", ".join(codes),

@@ -34,6 +34,8 @@ def test_every_api_md_endpoint_is_documented() -> None:
     assert expected <= documented, "API.md is fixed: every endpoint stays"
     assert len(ROUTES) + 2 == len(documented), "ROUTES plus /metrics and the document itself"
     put = paths["/v1/attachments/{attachment_id}"]["put"]
-    assert set(put["responses"]) == {"200", "201", "400", "403", "404", "409", "413", "502", "503"}
+    assert set(put["responses"]) == {
+        *("200", "201", "400", "403", "404", "408", "409", "413", "502", "503"),
+    }
     assert all("403" in op["responses"] for ops in paths.values() for op in ops.values())
     assert "volume_not_multiattach" in put["responses"]["409"]["description"]
