@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
 from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
+from hostagent.device_users import device_users
 from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError, LibvirtUnavailable
 from hostagent.guests import Guests
 from hostagent.locks import HostLocks
 from hostagent.metrics import Metrics
 from hostagent.models import DetachResult
-from hostagent.references import DiskMatcher, find_references, matcher_for, processes_holding
 from hostagent.store import (
     AttachmentRecord,
     ConnectionRecord,
@@ -34,13 +34,6 @@ from hostagent.store import (
 )
 
 LOG = logging.getLogger(__name__)
-
-# A process found holding a device no domain names is looked at again for this
-# long before it keeps the connection: closing a device a guest wrote to makes
-# udev probe it (blkid, through its inotify watch), and that brief open must
-# not turn the last detach into one that never reports terminate_connection.
-HOLDER_GRACE_SECONDS = 2.0
-HOLDER_POLL_SECONDS = 0.05
 
 
 def detach_body(record: AttachmentRecord, users_left: int, *, released: bool) -> dict[str, object]:
@@ -355,34 +348,8 @@ class HostConnections:
         return body
 
     def device_users(self, connection: ConnectionRecord) -> list[str]:
-        """Who still uses the connection's device: domains (live or config) that
-        name it, else processes that hold it open. Empty: safe to disconnect."""
-        matcher = matcher_for(connection)
-        if matcher is None:
-            return []
-        users = self._domains_using(matcher)
-        if users or connection.device_path is None:
-            return users
-        # After the domain scan, not beside it: run together, the two contend
-        # for the GIL and took longer than one after the other (measured).
-        holders = processes_holding(connection.device_path)
-        if not holders:
-            return []
-        deadline = time.monotonic() + HOLDER_GRACE_SECONDS
-        while holders and time.monotonic() < deadline:
-            time.sleep(HOLDER_POLL_SECONDS)
-            holders = processes_holding(connection.device_path)
-        if holders:
-            return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]
-        # The grace took up to seconds: a domain may have taken the device
-        # meanwhile, and the disconnect must not act on a scan that old.
-        return self._domains_using(matcher)
-
-    def _domains_using(self, matcher: DiskMatcher) -> list[str]:
-        return [
-            f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
-            for ref in find_references(self.guests, matcher)
-        ]
+        """Who still uses the connection's device (``hostagent.device_users``)."""
+        return device_users(self.guests, connection)
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
         users = self.device_users(connection)

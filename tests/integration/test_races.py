@@ -16,14 +16,16 @@ from typing import Any
 
 import pytest
 
-from hostagent import host_connections
+from hostagent import device_users
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import DetachTimeout, LibvirtError
 from hostagent.guests import Guests as HostGuests
 from hostagent.models import AttachRequest
 from hostagent.reconcile import Reconciler
 from hostagent.references import OpenHandle
+from hostagent.service import AttachmentService
 from tests.integration.support import (
+    Guest,
     Guests,
     LoopDevices,
     hand_made_disk,
@@ -32,6 +34,14 @@ from tests.integration.support import (
     unique,
 )
 from tests.integration.test_disconnect_failure import FailingFirstDisconnect
+
+
+def attach(service: AttachmentService, device: str, guest: Guest, **extra: Any) -> str:
+    """Attach ``device`` to ``guest`` as volume v under a fresh id; returns the id."""
+    attachment_id = unique("att")
+    request = local_request(device, guest, volume_id="v", **extra)
+    service.attach(attachment_id, AttachRequest.model_validate(request))
+    return attachment_id
 
 
 class ProbeThatLetsGo:
@@ -62,14 +72,11 @@ def test_a_domain_that_takes_the_device_during_the_holder_grace_keeps_it(
     the wait, not trusted from before it."""
     service = service_with(LocalConnector(), tmp_path, host_guests)
     ours, theirs, device = guests.make(), guests.make(), loops.make()
-    attachment_id = unique("att")
-    service.attach(
-        attachment_id, AttachRequest.model_validate(local_request(device, ours, volume_id="v"))
-    )
+    attachment_id = attach(service, device, ours)
     probe = ProbeThatLetsGo(
         lambda: theirs.attach_raw(hand_made_disk(device, target_dev="sdy", unit=8))
     )
-    monkeypatch.setattr(host_connections, "processes_holding", probe)
+    monkeypatch.setattr(device_users, "processes_holding", probe)
 
     result = service.detach(attachment_id)
     assert probe.looks >= 2, "the holder was waited out"
@@ -112,10 +119,7 @@ def test_a_guest_started_before_a_config_only_detach_is_unplugged_live_too(
     service = service_with(LocalConnector(), tmp_path, host_guests)
     guest, device = guests.make(persistent=True), loops.make()
     guest.dom.destroy()
-    attachment_id = unique("att")
-    service.attach(
-        attachment_id, AttachRequest.model_validate(local_request(device, guest, volume_id="v"))
-    )
+    attachment_id = attach(service, device, guest)
     assert guest.disk(f"ua-{attachment_id}", inactive=True) is not None
     wrapped = started_before_config_detach(host_guests, guest.dom, None)
     monkeypatch.setattr(host_guests, "detach_alias", wrapped)
@@ -140,10 +144,7 @@ def test_a_refused_live_unplug_after_a_config_only_detach_is_answered_not_waited
     service = service_with(LocalConnector(), tmp_path, host_guests)
     guest, device = guests.make(persistent=True), loops.make()
     guest.dom.destroy()
-    attachment_id = unique("att")
-    service.attach(
-        attachment_id, AttachRequest.model_validate(local_request(device, guest, volume_id="v"))
-    )
+    attachment_id = attach(service, device, guest)
     refusal = LibvirtError("detach ua-x from domain: operation failed: unplug refused")
     wrapped = started_before_config_detach(host_guests, guest.dom, refusal)
     monkeypatch.setattr(host_guests, "detach_alias", wrapped)
@@ -243,11 +244,7 @@ def test_a_retried_delete_waits_for_the_unplug_qemu_refuses_to_repeat(
     must wait for the guest again (504), not report libvirt's refusal (502)."""
     service = service_with(LocalConnector(), tmp_path, host_guests)
     guest, device = guests.make(), loops.make()
-    attachment_id = unique("att")
-    service.attach(
-        attachment_id,
-        AttachRequest.model_validate(local_request(device, guest, volume_id="v", bus="virtio")),
-    )
+    attachment_id = attach(service, device, guest, bus="virtio")
     with pytest.raises(DetachTimeout):
         service.detach(attachment_id)  # a firmware-only guest never acks a PCIe unplug
 
