@@ -30,12 +30,16 @@ from tests.integration.support import (
 
 
 class FailingFirstDisconnect(LocalConnector):
-    """The local connector, whose first ``failures`` disconnects fail as a failed
-    flush would; it records every connect and disconnect."""
+    """The local connector, whose first ``failures`` disconnects raise
+    ``disconnect_error`` (by default, what a failed flush gives); it records
+    every connect and disconnect."""
 
-    def __init__(self, failures: int = 1) -> None:
+    def __init__(self, failures: int = 1, disconnect_error: Exception | None = None) -> None:
         super().__init__()
         self.failures = failures
+        self.disconnect_error = disconnect_error or ConnectorError(
+            "flush of /dev/sdz failed: I/O error"
+        )
         self.connects: list[str] = []
         self.disconnects: list[str] = []
 
@@ -46,7 +50,7 @@ class FailingFirstDisconnect(LocalConnector):
     def disconnect(self, target: Target, device: HostDevice) -> None:
         self.disconnects.append(target.connection_key)
         if len(self.disconnects) <= self.failures:
-            raise ConnectorError("flush of /dev/sdz failed: I/O error")
+            raise self.disconnect_error
         super().disconnect(target, device)
 
 
@@ -233,20 +237,14 @@ def test_a_failed_reconnect_after_a_reboot_never_releases_what_a_domain_still_na
     after.store.close()
 
 
-class LibvirtFailingDisconnect(FailingFirstDisconnect):
-    """A connector whose disconnect fails in libvirt (rbd's secret removal)."""
-
-    def disconnect(self, target: Target, device: HostDevice) -> None:
-        self.disconnects.append(target.connection_key)
-        if len(self.disconnects) <= self.failures:
-            raise LibvirtError("undefine secret 3f6f: operation failed")
-        super().disconnect(target, device)
-
-
 def test_a_disconnect_failing_in_libvirt_is_a_disconnect_failed_to_retry(
     tmp_path: Path, host_guests: HostGuests, guests: Guests, loops: LoopDevices
 ) -> None:
-    service = service_with(LibvirtFailingDisconnect(), tmp_path, host_guests)
+    """rbd's secret removal failing in libvirt, say."""
+    connector = FailingFirstDisconnect(
+        disconnect_error=LibvirtError("undefine secret 3f6f: operation failed")
+    )
+    service = service_with(connector, tmp_path, host_guests)
     guest, device = guests.make(), loops.make()
     attachment_id = unique("att")
     service.attach(
