@@ -38,10 +38,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hostagentd = hostagent.daemon:main",
+            "hostagentd = hostagent.daemon.main:main",
             "hostagentctl = hostagent.cli:main",
         ],
-        "oslo.config.opts": ["hostagent = hostagent.conf:list_opts"],
-        "oslo.config.opts.defaults": ["hostagent = hostagent.conf:update_log_defaults"],
+        "oslo.config.opts": ["hostagent = hostagent.daemon.conf:list_opts"],
+        "oslo.config.opts.defaults": ["hostagent = hostagent.daemon.conf:update_log_defaults"],
     },
 )

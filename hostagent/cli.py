@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from hostagent.api.models import AttachRequest, describe_validation_error
+from hostagent.attachments.render import OfflineRenderError, render_disk_xml
 from hostagent.client import ApiError, HostagentClient, default_socket
-from hostagent.models import AttachRequest, describe_validation_error
-from hostagent.render import OfflineRenderError, render_disk_xml
 
 EXIT_ERROR = 2
 

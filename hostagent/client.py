@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from hostagent.models import (
+from hostagent.api.models import (
     Attachment,
     AttachmentList,
     AttachRequest,

@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from hostagent.guests import Guests as HostGuests
+from hostagent.guests.domains import Guests as HostGuests
 from tests.integration.support import (
     LIBVIRT_URI,
     Daemon,

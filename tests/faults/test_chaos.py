@@ -17,9 +17,9 @@ from typing import Any
 
 import libvirt
 
+from hostagent.api.models import DetachResult
 from hostagent.client import ApiError, HostagentClient
-from hostagent.models import DetachResult
-from hostagent.references import processes_holding
+from hostagent.host.holders import processes_holding
 from tests.conftest import DaemonFactory
 from tests.integration.support import (
     Daemon,

@@ -6,8 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from hostagent.api.models import DetachResult
 from hostagent.client import ApiError, HostagentClient
-from hostagent.models import DetachResult
 from tests.conftest import DaemonFactory
 from tests.integration.support import Guests, LoopDevices, hand_made_disk, local_request, unique
 

@@ -25,13 +25,13 @@ import libvirt
 import libvirt_qemu
 from lxml import etree
 
+from hostagent.attachments.service import AttachmentService, ServiceSettings
 from hostagent.client import ApiError, HostagentClient
 from hostagent.connectors import Connector, ConnectorRegistry
-from hostagent.guests import Guests as HostGuests
+from hostagent.guests.domains import Guests as HostGuests
+from hostagent.host.holders import processes_holding
 from hostagent.locks import HostLocks
-from hostagent.references import processes_holding
-from hostagent.service import AttachmentService, ServiceSettings
-from hostagent.store import Store
+from hostagent.state.store import Store
 
 LIBVIRT_URI = "qemu:///system"
 GUEST_PREFIX = "hatest-"

@@ -8,8 +8,8 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from hostagent.api.models import DetachResult
 from hostagent.client import ApiError
-from hostagent.models import DetachResult
 from tests.integration.support import Daemon, Guests, LoopDevices, local_request, unique
 
 GUESTS = 8

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.api.models import AttachRequest
+from hostagent.attachments.reconcile import Reconciler
 from hostagent.connectors import ConnectorError, HostDevice, Target
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import ConnectFailed, DisconnectFailed, LibvirtError, LibvirtUnavailable
-from hostagent.guests import Guests as HostGuests
-from hostagent.models import AttachRequest
-from hostagent.reconcile import Reconciler
-from hostagent.store import AttachmentState, ConnectionState
+from hostagent.guests.domains import Guests as HostGuests
+from hostagent.state.store import AttachmentState, ConnectionState
 from tests.integration.support import (
     Guests,
     LoopDevices,

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.attachments.rebuild import unrecorded_disks
+from hostagent.attachments.service import AttachmentService, ServiceSettings
 from hostagent.connectors import ConnectorRegistry
 from hostagent.connectors.local import LocalConnector
-from hostagent.daemon import warn_about_unrecorded_disks
-from hostagent.guests import DomainInfo
-from hostagent.guests import Guests as HostGuests
+from hostagent.daemon.main import warn_about_unrecorded_disks
+from hostagent.guests.domains import DomainInfo
+from hostagent.guests.domains import Guests as HostGuests
 from hostagent.locks import HostLocks
-from hostagent.rebuild import unrecorded_disks
-from hostagent.service import AttachmentService, ServiceSettings
-from hostagent.store import Store
+from hostagent.state.store import Store
 from tests.integration.support import Guest, Guests, LoopDevices, hand_made_disk
 
 

@@ -1,4 +1,4 @@
-"""hostagent.netinfo on real interfaces, in throwaway network namespaces (no libvirt).
+"""hostagent.host.netinfo on real interfaces, in throwaway network namespaces (no libvirt).
 
 Topology of the main namespace: ``lo`` up and a veth pair (va, vb) both inside it;
 va carries 192.0.2.10/24 and 198.51.100.10/24, the default route goes via
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.netinfo import (
+from hostagent.host.netinfo import (
     NetinfoError,
     choose_initiator_ip,
     default_source_address,

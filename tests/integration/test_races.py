@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from hostagent import device_users
+from hostagent.api.models import AttachRequest
+from hostagent.attachments.reconcile import Reconciler
+from hostagent.attachments.service import AttachmentService
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import DetachTimeout, LibvirtError
-from hostagent.guests import Guests as HostGuests
-from hostagent.models import AttachRequest
-from hostagent.reconcile import Reconciler
-from hostagent.references import OpenHandle
-from hostagent.service import AttachmentService
+from hostagent.guests.domains import Guests as HostGuests
+from hostagent.host import device_users
+from hostagent.host.holders import OpenHandle
 from tests.integration.support import (
     Guest,
     Guests,

@@ -21,7 +21,13 @@ REPO = Path(__file__).parents[2]
 
 def verify(root: Path) -> str:
     done = subprocess.run(
-        ["systemd-analyze", "verify", f"--root={root}", "hostagent.service", "hostagent.socket"],
+        [
+            "systemd-analyze",
+            "verify",
+            f"--root={root}",
+            "hostagent.service",
+            "hostagent.socket",
+        ],
         capture_output=True,
         text=True,
         check=False,

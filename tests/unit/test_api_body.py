@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from hostagent import api
+from hostagent.api import server as api
 
 
 class StalledBody:

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hostagent.conf import LOG_DEFAULTS, load_config
-from hostagent.logctx import CONTEXT_FORMAT
+from hostagent.daemon.conf import LOG_DEFAULTS, load_config
+from hostagent.observability.logctx import CONTEXT_FORMAT
 
 ROOT = Path(__file__).parents[2]
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from hostagent.attachments.render import disk_source, render_disk_xml
 from hostagent.connectors import ConnectorError, HostDevice, InvalidTarget
 from hostagent.connectors import rbd as rbd_module
 from hostagent.connectors.base import scrub
 from hostagent.connectors.rbd import SECRET_NAMESPACE, RBDConnector, cephx_key
 from hostagent.libvirt_xml.policy import NetworkSource
-from hostagent.render import disk_source, render_disk_xml
 
 KEY = base64.b64encode(b"k" * 28).decode()
 

@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from hostagent.errors import DomainNotFound, LibvirtError, LibvirtUnavailable
-from hostagent.libvirt_session import LibvirtSession, connection_lost
+from hostagent.guests.session import LibvirtSession, connection_lost
 
 
 def libvirt_error(code: int, domain: int, message: str) -> libvirt.libvirtError:

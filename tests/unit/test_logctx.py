@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 from oslo_log import formatters
 
-from hostagent.conf import load_config
-from hostagent.logctx import SecretFilter, install_filters, mask_secrets
+from hostagent.daemon.conf import load_config
+from hostagent.observability.logctx import SecretFilter, install_filters, mask_secrets
 
 KEY = "AQBxk0ZnAAAAABAAwzE0y1qNH3Ue8XaOBkN/3Pw=="  # a cephx key's shape
 PASSWORD = "Chap-Pa55-Never-Logged"

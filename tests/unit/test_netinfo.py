@@ -1,4 +1,4 @@
-"""hostagent.netinfo against a recording fake of pyroute2's IPRoute: the fallback paths."""
+"""hostagent.host.netinfo against a recording fake of pyroute2's IPRoute: the fallback paths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hostagent.netinfo import (
+from hostagent.host.netinfo import (
     NetinfoError,
     choose_initiator_ip,
     default_source_address,

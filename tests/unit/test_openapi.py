@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hostagent.api import ROUTES
-from hostagent.openapi import build_openapi
+from hostagent.api.openapi import build_openapi
+from hostagent.api.server import ROUTES
 
 CHECKED_IN = Path(__file__).parents[2] / "docs" / "openapi.json"
 
 
 def test_checked_in_openapi_is_current() -> None:
     assert json.loads(CHECKED_IN.read_text()) == build_openapi(), (
-        "docs/openapi.json is stale: python -m hostagent.openapi > docs/openapi.json"
+        "docs/openapi.json is stale: python -m hostagent.api.openapi > docs/openapi.json"
     )
 
 

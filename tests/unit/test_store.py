@@ -15,7 +15,7 @@ from hostagent.errors import (
     VolumeAlreadyAttached,
     VolumeNotMultiattach,
 )
-from hostagent.store import (
+from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,

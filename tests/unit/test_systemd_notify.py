@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.systemd import notify
+from hostagent.daemon.systemd import notify
 
 
 def test_notify_sends_and_survives_a_vanished_socket(

@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape
 import libvirt
 
 from hostagent.errors import DomainNotFound
-from hostagent.libvirt_session import LibvirtSession
+from hostagent.guests.session import LibvirtSession
 
 LOG = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from hostagent.store import AttachmentState, ConnectionState, Store
+from hostagent.state.store import AttachmentState, ConnectionState, Store
 
 PHASES = ("connect", "libvirt_attach", "removal_wait", "disconnect")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)

@@ -10,19 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from hostagent.api.models import DoctorReport, Finding, LibvirtView
+from hostagent.attachments.service import AttachmentService
 from hostagent.errors import AttachmentNotFound
-from hostagent.guests import DomainInfo
+from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
+from hostagent.guests.domains import DomainInfo
+from hostagent.host.device_users import DeviceReference, matcher_for, references_in
 from hostagent.libvirt_xml.disk import disk_fragment
-from hostagent.models import DoctorReport, Finding, LibvirtView
-from hostagent.references import (
-    DeviceReference,
-    DomainDisk,
-    matcher_for,
-    references_in,
-    scan_domain_disks,
-)
-from hostagent.service import AttachmentService
-from hostagent.store import (
+from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,

@@ -16,12 +16,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from hostagent import logctx
+from hostagent.api.models import ReconcileAction, ReconcileReport
+from hostagent.attachments.service import AttachmentService
 from hostagent.errors import HostagentError
-from hostagent.models import ReconcileAction, ReconcileReport
-from hostagent.references import matcher_for, references_in, scan_domain_disks
-from hostagent.service import AttachmentService
-from hostagent.store import AttachmentRecord, AttachmentState, ConnectionRecord, ConnectionState
+from hostagent.guests.domain_scan import scan_domain_disks
+from hostagent.host.device_users import matcher_for, references_in
+from hostagent.observability import logctx
+from hostagent.state.store import (
+    AttachmentRecord,
+    AttachmentState,
+    ConnectionRecord,
+    ConnectionState,
+)
 
 LOG = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the v1 API, generated from api.ROUTES and the models.
 
-``python -m hostagent.openapi > docs/openapi.json`` refreshes the checked-in
+``python -m hostagent.api.openapi > docs/openapi.json`` refreshes the checked-in
 copy; a unit test fails when it is stale.
 """
 
@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from hostagent import __version__
-from hostagent.api import ROUTES
-from hostagent.models import ID_PATTERN, ErrorBody
+from hostagent.api.models import ID_PATTERN, ErrorBody
+from hostagent.api.server import ROUTES
 
 REF = "#/components/schemas/{model}"
 

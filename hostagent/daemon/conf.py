@@ -15,7 +15,7 @@ from oslo_config import cfg, types
 from oslo_log import _options, log
 
 from hostagent import __version__
-from hostagent.logctx import CONTEXT_FORMAT, DEFAULT_FORMAT
+from hostagent.observability.logctx import CONTEXT_FORMAT, DEFAULT_FORMAT
 
 DEFAULT_OPTS = [
     cfg.StrOpt(

@@ -1,4 +1,4 @@
-"""references.py: disks and processes that use a host block device."""
+"""host/device_users.py and host/holders.py: disks and processes that use a host block device."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.host.device_users import HostDeviceMatcher
+from hostagent.host.holders import processes_holding
 from hostagent.libvirt_xml.disk import DiskRef
-from hostagent.references import HostDeviceMatcher, processes_holding
 
 
 @pytest.fixture

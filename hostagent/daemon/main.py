@@ -21,19 +21,19 @@ from oslo_config import cfg
 from oslo_log import log
 
 from hostagent import connectors
-from hostagent.api import ApiHandlers, make_app
-from hostagent.conf import load_config
+from hostagent.api.openapi import build_openapi
+from hostagent.api.peer_auth import PeerPolicy
+from hostagent.api.server import ApiHandlers, make_app
+from hostagent.attachments.rebuild import rebuild_state, unrecorded_disks
+from hostagent.attachments.reconcile import Reconciler, VanishedDomains
+from hostagent.attachments.service import AttachmentService, ServiceSettings
+from hostagent.daemon.conf import load_config
+from hostagent.daemon.systemd import inherited_socket, notify, watchdog_interval
 from hostagent.errors import HostagentError
-from hostagent.guests import Guests
+from hostagent.guests.domains import Guests
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
-from hostagent.logctx import install_filters
-from hostagent.openapi import build_openapi
-from hostagent.peer_auth import PeerPolicy
-from hostagent.rebuild import rebuild_state, unrecorded_disks
-from hostagent.reconcile import Reconciler, VanishedDomains
-from hostagent.service import AttachmentService, ServiceSettings
-from hostagent.store import Store, StoreError
-from hostagent.systemd import inherited_socket, notify, watchdog_interval
+from hostagent.observability.logctx import install_filters
+from hostagent.state.store import Store, StoreError
 
 LOG = logging.getLogger("hostagent")
 

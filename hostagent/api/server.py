@@ -23,11 +23,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
-from hostagent import __version__, logctx
-from hostagent.connector_props import connector_properties
-from hostagent.diagnostics import diagnose, libvirt_view
-from hostagent.errors import HostagentError, InvalidRequest
-from hostagent.models import (
+from hostagent import __version__
+from hostagent.api.connector_props import connector_properties
+from hostagent.api.models import (
     ID_PATTERN,
     Attachment,
     AttachmentList,
@@ -43,10 +41,13 @@ from hostagent.models import (
     ReconcileReport,
     describe_validation_error,
 )
-from hostagent.peer_auth import PeerPolicy, peer_auth_middleware
-from hostagent.reconcile import Reconciler
-from hostagent.service import AttachmentService
-from hostagent.views import connection_list
+from hostagent.api.peer_auth import PeerPolicy, peer_auth_middleware
+from hostagent.api.views import connection_list
+from hostagent.attachments.diagnostics import diagnose, libvirt_view
+from hostagent.attachments.reconcile import Reconciler
+from hostagent.attachments.service import AttachmentService
+from hostagent.errors import HostagentError, InvalidRequest
+from hostagent.observability import logctx
 
 LOG = logging.getLogger(__name__)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 
 from hostagent import failpoints
+from hostagent.api.models import AttachRequest
+from hostagent.attachments.render import disk_request, disk_source
 from hostagent.connectors import HostDevice, Target
 from hostagent.errors import LibvirtError, TargetDevInUse
-from hostagent.guests import DomainInfo, Guests
+from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import (
     ControllerSpec,
     DomainDevices,
@@ -20,10 +22,8 @@ from hostagent.libvirt_xml.disk import (
 from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
 from hostagent.libvirt_xml.policy import BlockSource, build_disk
 from hostagent.locks import HostLocks
-from hostagent.metrics import Metrics
-from hostagent.models import AttachRequest
-from hostagent.render import disk_request, disk_source
-from hostagent.store import AttachmentRecord, Store
+from hostagent.observability.metrics import Metrics
+from hostagent.state.store import AttachmentRecord, Store
 
 LOG = logging.getLogger(__name__)
 

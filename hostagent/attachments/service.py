@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hostagent import connectors, failpoints, logctx
+from hostagent import connectors, failpoints
+from hostagent.api.models import Attachment, AttachRequest, DetachResult
+from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
+from hostagent.attachments.host_connections import HostConnections
 from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentConflict,
@@ -28,15 +31,13 @@ from hostagent.errors import (
     InvalidRequest,
     LibvirtError,
 )
-from hostagent.guest_disks import GuestDisks, validate_disk_rules
-from hostagent.guests import DomainInfo, Guests
-from hostagent.host_connections import HostConnections
+from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
 from hostagent.locks import HostLocks
-from hostagent.metrics import Metrics
-from hostagent.models import Attachment, AttachRequest, DetachResult
-from hostagent.store import (
+from hostagent.observability import logctx
+from hostagent.observability.metrics import Metrics
+from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionState,

@@ -1,6 +1,6 @@
 """Durable state in sqlite: host connections, attachments, tombstones.
 
-The file, its schema and its pragmas are ``hostagent.state_file``'s. The
+The file, its schema and its pragmas are ``hostagent.state.state_file``'s. The
 refcount of a connection is never stored; it is the number of attachment
 rows that reference it (any state), so it cannot drift from them. Every
 check-and-write runs in one ``BEGIN IMMEDIATE`` transaction, so two requests
@@ -24,7 +24,7 @@ from hostagent.errors import (
     VolumeAlreadyAttached,
     VolumeNotMultiattach,
 )
-from hostagent.records import (
+from hostagent.state.records import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
@@ -33,9 +33,9 @@ from hostagent.records import (
     attachment_from_row,
     connection_from_row,
 )
-from hostagent.state_file import StoreError, open_state_file
+from hostagent.state.state_file import StoreError, open_state_file
 
-# The records are defined in hostagent.records; callers import them from here.
+# The records are defined in hostagent.state.records; callers import them from here.
 __all__ = [
     "AttachmentRecord",
     "AttachmentState",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 
-from hostagent.models import Connection, ConnectionList
-from hostagent.store import Store
+from hostagent.api.models import Connection, ConnectionList
+from hostagent.state.store import Store
 
 
 def iso_utc(epoch: float | None) -> str | None:

@@ -15,9 +15,9 @@ from typing import Any
 
 from os_brick.initiator import connector as brick_connector
 
+from hostagent.api.models import ConnectorProperties
 from hostagent.errors import InvalidRequest
-from hostagent.models import ConnectorProperties
-from hostagent.netinfo import NetinfoError, choose_initiator_ip
+from hostagent.host.netinfo import NetinfoError, choose_initiator_ip
 
 LOG = logging.getLogger(__name__)
 

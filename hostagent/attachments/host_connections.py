@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
+from hostagent.api.models import DetachResult
 from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
-from hostagent.device_users import device_users
 from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError, LibvirtUnavailable
-from hostagent.guests import Guests
+from hostagent.guests.domains import Guests
+from hostagent.host.device_users import device_users
 from hostagent.locks import HostLocks
-from hostagent.metrics import Metrics
-from hostagent.models import DetachResult
-from hostagent.store import (
+from hostagent.observability.metrics import Metrics
+from hostagent.state.store import (
     AttachmentRecord,
     ConnectionRecord,
     ConnectionReleasing,
@@ -348,7 +348,7 @@ class HostConnections:
         return body
 
     def device_users(self, connection: ConnectionRecord) -> list[str]:
-        """Who still uses the connection's device (``hostagent.device_users``)."""
+        """Who still uses the connection's device (``hostagent.host.device_users``)."""
         return device_users(self.guests, connection)
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:

@@ -15,11 +15,16 @@ import os
 import time
 from dataclasses import dataclass
 
-from hostagent.guests import DomainInfo
+from hostagent.attachments.service import AttachmentService
+from hostagent.guests.domain_scan import scan_domain_xml
+from hostagent.guests.domains import DomainInfo
 from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
-from hostagent.references import scan_domain_xml
-from hostagent.service import AttachmentService
-from hostagent.store import AttachmentRecord, AttachmentState, ConnectionRecord, ConnectionState
+from hostagent.state.store import (
+    AttachmentRecord,
+    AttachmentState,
+    ConnectionRecord,
+    ConnectionState,
+)
 
 ALIAS_PREFIX = "ua-"
 REBUILT_HASH = "rebuilt-from-libvirt"

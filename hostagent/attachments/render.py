@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hostagent.api.models import ConnectionInfo, describe_validation_error
 from hostagent.connectors import ConnectorRegistry, HostDevice, InvalidTarget, Target
 from hostagent.connectors.rbd import SECRET_NAMESPACE, cephx_key
 from hostagent.libvirt_xml.disk import DriveAddress, SourceHost
@@ -24,7 +25,6 @@ from hostagent.libvirt_xml.policy import (
     NetworkSource,
     build_disk,
 )
-from hostagent.models import ConnectionInfo, describe_validation_error
 
 
 class OfflineRenderError(ValueError):

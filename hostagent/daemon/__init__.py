@@ -1,0 +1,1 @@
+"""hostagentd: options, wiring, systemd integration (``python -m hostagent.daemon``)."""

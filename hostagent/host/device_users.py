@@ -1,0 +1,142 @@
+"""The check before every disconnect: who still uses a connection's device.
+
+API.md's rule that no input can break: a host connection is never
+disconnected while a domain (live XML or persistent config) names its
+device, whatever the agent's records say. A process that holds the device
+open counts too (a QEMU left with a disk libvirt lost track of when libvirtd
+was killed in the middle of a hot-plug).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
+from hostagent.guests.domains import Guests
+from hostagent.host.holders import device_number, processes_holding
+from hostagent.libvirt_xml.disk import DiskRef
+from hostagent.state.records import ConnectionRecord
+
+
+@dataclass(frozen=True)
+class DeviceReference:
+    """A disk of a domain that uses a host device."""
+
+    domain_uuid: str
+    domain_name: str
+    where: Literal["live", "config"]
+    alias: str | None
+    target_dev: str | None
+    source: str
+
+
+class HostDeviceMatcher:
+    """Matches disk sources against one host block device."""
+
+    def __init__(self, device_path: str) -> None:
+        self.device_path = device_path
+        self._real = os.path.realpath(device_path)
+        self._rdev = device_number(device_path)
+
+    def matches(self, disk: DiskRef) -> bool:
+        for source in (disk.source_dev, disk.source_file):
+            if not source:
+                continue
+            if source == self.device_path or os.path.realpath(source) == self._real:
+                return True
+            if self._rdev is not None and device_number(source) == self._rdev:
+                return True
+        return False
+
+
+class NetworkDiskMatcher:
+    """Matches network disks (protocol and name, e.g. rbd pool/image)."""
+
+    def __init__(self, protocol: str, name: str) -> None:
+        self.protocol = protocol
+        self.name = name
+
+    def matches(self, disk: DiskRef) -> bool:
+        return disk.source_protocol == self.protocol and disk.source_name == self.name
+
+
+DiskMatcher = HostDeviceMatcher | NetworkDiskMatcher
+
+
+def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
+    """How to recognise a connection's disk in a domain's XML, or None if it
+    has nothing a disk could name."""
+    if connection.device_path is not None:
+        return HostDeviceMatcher(connection.device_path)
+    name = connection.connection_data.get("name")
+    if connection.driver_volume_type == "rbd" and isinstance(name, str):
+        return NetworkDiskMatcher("rbd", name)
+    return None
+
+
+def references_in(disks: list[DomainDisk], matcher: DiskMatcher) -> list[DeviceReference]:
+    """The disks among ``disks`` that ``matcher`` recognises."""
+    return [
+        DeviceReference(
+            domain_uuid=dd.domain.uuid,
+            domain_name=dd.domain.name,
+            where=dd.where,
+            alias=dd.disk.alias,
+            target_dev=dd.disk.target_dev,
+            source=dd.disk.source_dev or dd.disk.source_file or dd.disk.source_name or "",
+        )
+        for dd in disks
+        if matcher.matches(dd.disk)
+    ]
+
+
+def find_references(guests: Guests, matcher: DiskMatcher) -> list[DeviceReference]:
+    """Every disk, in any domain's live XML or persistent config, ``matcher`` recognises."""
+    return references_in(scan_domain_disks(guests), matcher)
+
+
+# A process found holding a device no domain names is looked at again for this
+# long before it keeps the connection: closing a device a guest wrote to makes
+# udev probe it (blkid, through its inotify watch), and that brief open must
+# not turn the last detach into one that never reports terminate_connection.
+HOLDER_GRACE_SECONDS = 2.0
+HOLDER_POLL_SECONDS = 0.05
+
+
+def device_users(guests: Guests, connection: ConnectionRecord) -> list[str]:
+    """Who still uses the connection's device: domains (live or config) that
+    name it, else processes that hold it open. Empty: safe to disconnect.
+
+    Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
+    taken as "unused".
+    """
+    matcher = matcher_for(connection)
+    if matcher is None:
+        return []
+    users = _domains_using(guests, matcher)
+    if users or connection.device_path is None:
+        return users
+    # After the domain scan, not beside it: run together, the two contend
+    # for the GIL and took longer than one after the other (measured).
+    holders = processes_holding(connection.device_path)
+    if not holders:
+        return []
+    deadline = time.monotonic() + HOLDER_GRACE_SECONDS
+    while holders and time.monotonic() < deadline:
+        time.sleep(HOLDER_POLL_SECONDS)
+        holders = processes_holding(connection.device_path)
+    if holders:
+        return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]
+    # The grace took up to seconds: a domain may have taken the device
+    # meanwhile, and the disconnect must not act on a scan that old.
+    return _domains_using(guests, matcher)
+
+
+def _domains_using(guests: Guests, matcher: DiskMatcher) -> list[str]:
+    return [
+        f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
+        for ref in find_references(guests, matcher)
+    ]

@@ -1,0 +1,1 @@
+"""What an operator sees of the daemon at work: log context and Prometheus metrics."""
