@@ -70,3 +70,24 @@ class LibvirtUnavailable(HostagentError):
 
 class DetachTimeout(HostagentError):
     status, code = 504, "detach_timeout"
+
+
+# The HTTP layer answers these itself (aiohttp's exceptions and parser errors,
+# the middlewares); they are classes so routes and the OpenAPI document name
+# them like the service's errors.
+
+
+class NotFound(HostagentError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(HostagentError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTimeout(HostagentError):
+    status, code = 408, "request_timeout"
+
+
+class RequestTooLarge(HostagentError):
+    status, code = 413, "request_too_large"

@@ -16,12 +16,23 @@ from pydantic.json_schema import models_json_schema
 from hostagent import __version__
 from hostagent.api.models import ID_PATTERN, ErrorBody
 from hostagent.api.server import ROUTES
+from hostagent.errors import Forbidden
 
 REF = "#/components/schemas/{model}"
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": REF.format(model=model.__name__)}
+
+
+def _forbidden() -> dict[str, Any]:
+    """Peer authentication answers every path, even those outside ROUTES."""
+    return {
+        str(Forbidden.status): {
+            "description": f"error: {Forbidden.code}",
+            "content": {"application/json": {"schema": _ref(ErrorBody)}},
+        }
+    }
 
 
 def build_openapi() -> dict[str, Any]:
@@ -35,7 +46,7 @@ def build_openapi() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         operation: dict[str, Any] = {
-            "operationId": route.handler,
+            "operationId": route.operation_id,
             "summary": route.summary,
             "responses": {},
         }
@@ -68,12 +79,7 @@ def build_openapi() -> dict[str, Any]:
                 "description": model.__doc__.strip().splitlines()[0] if model.__doc__ else "OK",
                 "content": {"application/json": {"schema": _ref(model)}},
             }
-        every_route = {
-            403: ("forbidden",),
-            408: ("request_timeout",),
-            413: ("request_too_large",),
-        }
-        for status, codes in sorted({**every_route, **route.errors}.items()):
+        for status, codes in sorted(route.error_codes().items()):
             operation["responses"][str(status)] = {
                 "description": "error: " + ", ".join(codes),
                 "content": {"application/json": {"schema": _ref(ErrorBody)}},
@@ -88,10 +94,7 @@ def build_openapi() -> dict[str, Any]:
                     "description": "metrics",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
-                "403": {
-                    "description": "error: forbidden",
-                    "content": {"application/json": {"schema": _ref(ErrorBody)}},
-                },
+                **_forbidden(),
             },
         }
     }
@@ -104,10 +107,7 @@ def build_openapi() -> dict[str, Any]:
                     "description": "the OpenAPI document",
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
-                "403": {
-                    "description": "error: forbidden",
-                    "content": {"application/json": {"schema": _ref(ErrorBody)}},
-                },
+                **_forbidden(),
             },
         }
     }

@@ -46,7 +46,27 @@ from hostagent.api.views import connection_list
 from hostagent.attachments.diagnostics import diagnose, libvirt_view
 from hostagent.attachments.reconcile import Reconciler
 from hostagent.attachments.service import AttachmentService
-from hostagent.errors import HostagentError, InvalidRequest
+from hostagent.errors import (
+    AttachmentConflict,
+    AttachmentIdReused,
+    AttachmentNotFound,
+    ConnectFailed,
+    DetachTimeout,
+    DisconnectFailed,
+    DomainNotFound,
+    Forbidden,
+    HostagentError,
+    InvalidRequest,
+    LibvirtError,
+    LibvirtUnavailable,
+    MethodNotAllowed,
+    NotFound,
+    RequestTimeout,
+    RequestTooLarge,
+    TargetDevInUse,
+    VolumeAlreadyAttached,
+    VolumeNotMultiattach,
+)
 from hostagent.observability import logctx
 
 LOG = logging.getLogger(__name__)
@@ -59,6 +79,9 @@ _ID = re.compile(ID_PATTERN)
 T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A route's handler is an ApiHandlers method, named by the method itself (not by a
+# string), so a route with no handler fails the type check and the import.
+RouteHandler = Callable[["ApiHandlers", web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -67,110 +90,31 @@ class Route:
 
     method: str
     path: str
-    handler: str
+    handler: RouteHandler
     summary: str
     request: type[BaseModel] | None = None
     responses: dict[int, type[BaseModel]] = field(default_factory=dict)
-    errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    errors: tuple[type[HostagentError], ...] = ()
     query: dict[str, str] = field(default_factory=dict)  # name -> description
 
+    @property
+    def operation_id(self) -> str:
+        return self.handler.__name__
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "PUT",
-        "/v1/attachments/{attachment_id}",
-        "put_attachment",
-        "Attach a volume to a guest (idempotent per attachment_id)",
-        request=AttachRequest,
-        responses={201: Attachment, 200: Attachment},
-        errors={
-            400: ("invalid_request",),
-            404: ("domain_not_found",),
-            409: (
-                "attachment_conflict",
-                "attachment_id_reused",
-                "volume_already_attached",
-                "volume_not_multiattach",
-                "target_dev_in_use",
-            ),
-            502: ("connect_failed", "libvirt_error"),
-            503: ("libvirt_unavailable",),
-        },
-    ),
-    Route(
-        "DELETE",
-        "/v1/attachments/{attachment_id}",
-        "delete_attachment",
-        "Detach; repeating a completed DELETE replays its body",
-        responses={200: DetachResult},
-        errors={
-            400: ("invalid_request",),
-            404: ("attachment_not_found",),
-            502: ("libvirt_error", "disconnect_failed"),
-            503: ("libvirt_unavailable",),
-            504: ("detach_timeout",),
-        },
-    ),
-    Route(
-        "GET",
-        "/v1/attachments/{attachment_id}",
-        "get_attachment",
-        "One attachment not yet detached",
-        responses={200: Attachment},
-        errors={400: ("invalid_request",), 404: ("attachment_not_found",)},
-    ),
-    Route(
-        "GET",
-        "/v1/attachments/{attachment_id}/libvirt",
-        "get_attachment_libvirt",
-        "The attachment's disk as libvirt has it now, and the virsh commands that show it",
-        responses={200: LibvirtView},
-        errors={
-            400: ("invalid_request",),
-            404: ("attachment_not_found",),
-            503: ("libvirt_unavailable",),
-        },
-    ),
-    Route(
-        "GET",
-        "/v1/attachments",
-        "list_attachments",
-        "Attachments not yet detached, in any state",
-        responses={200: AttachmentList},
-    ),
-    Route(
-        "GET",
-        "/v1/connections",
-        "list_connections",
-        "Host connections and the attachments that use them",
-        responses={200: ConnectionList},
-    ),
-    Route("GET", "/v1/health", "health", "Daemon and libvirt health", responses={200: Health}),
-    Route(
-        "GET",
-        "/v1/connector",
-        "connector",
-        "This host's os-brick connector properties, ip chosen by a route lookup",
-        responses={200: ConnectorProperties},
-        errors={400: ("invalid_request",)},
-        query={"target": "storage address (IP literal) to choose the source ip for"},
-    ),
-    Route(
-        "GET",
-        "/v1/doctor",
-        "doctor",
-        "Disagreements between the records, libvirt and the host, with suggested commands",
-        responses={200: DoctorReport},
-        errors={503: ("libvirt_unavailable",)},
-    ),
-    Route(
-        "POST",
-        "/v1/reconcile",
-        "reconcile",
-        "Reconcile records against libvirt and host devices now",
-        responses={200: ReconcileReport},
-        errors={503: ("libvirt_unavailable",)},
-    ),
+    def error_codes(self) -> dict[int, tuple[str, ...]]:
+        """Every error code this route answers with, by status, in declared order
+        (the ones every route answers with first)."""
+        by_status: dict[int, tuple[str, ...]] = {}
+        for error in (*EVERY_ROUTE_ERRORS, *self.errors):
+            by_status[error.status] = (*by_status.get(error.status, ()), error.code)
+        return by_status
+
+
+# The middlewares answer these on any route: peer_auth, read_body, body_limit.
+EVERY_ROUTE_ERRORS: tuple[type[HostagentError], ...] = (
+    Forbidden,
+    RequestTimeout,
+    RequestTooLarge,
 )
 
 
@@ -184,10 +128,8 @@ def model_response(model: BaseModel, status: int = 200) -> web.Response:
 
 
 _HTTP_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "request_too_large",
+    error.status: error.code
+    for error in (NotFound, MethodNotAllowed, RequestTimeout, RequestTooLarge)
 }
 
 
@@ -389,13 +331,114 @@ class ApiHandlers:
         return web.json_response(self.openapi)
 
 
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "PUT",
+        "/v1/attachments/{attachment_id}",
+        ApiHandlers.put_attachment,
+        "Attach a volume to a guest (idempotent per attachment_id)",
+        request=AttachRequest,
+        responses={201: Attachment, 200: Attachment},
+        errors=(
+            InvalidRequest,
+            DomainNotFound,
+            AttachmentConflict,
+            AttachmentIdReused,
+            VolumeAlreadyAttached,
+            VolumeNotMultiattach,
+            TargetDevInUse,
+            ConnectFailed,
+            LibvirtError,
+            LibvirtUnavailable,
+        ),
+    ),
+    Route(
+        "DELETE",
+        "/v1/attachments/{attachment_id}",
+        ApiHandlers.delete_attachment,
+        "Detach; repeating a completed DELETE replays its body",
+        responses={200: DetachResult},
+        errors=(
+            InvalidRequest,
+            AttachmentNotFound,
+            LibvirtError,
+            DisconnectFailed,
+            LibvirtUnavailable,
+            DetachTimeout,
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/attachments/{attachment_id}",
+        ApiHandlers.get_attachment,
+        "One attachment not yet detached",
+        responses={200: Attachment},
+        errors=(InvalidRequest, AttachmentNotFound),
+    ),
+    Route(
+        "GET",
+        "/v1/attachments/{attachment_id}/libvirt",
+        ApiHandlers.get_attachment_libvirt,
+        "The attachment's disk as libvirt has it now, and the virsh commands that show it",
+        responses={200: LibvirtView},
+        errors=(InvalidRequest, AttachmentNotFound, LibvirtUnavailable),
+    ),
+    Route(
+        "GET",
+        "/v1/attachments",
+        ApiHandlers.list_attachments,
+        "Attachments not yet detached, in any state",
+        responses={200: AttachmentList},
+    ),
+    Route(
+        "GET",
+        "/v1/connections",
+        ApiHandlers.list_connections,
+        "Host connections and the attachments that use them",
+        responses={200: ConnectionList},
+    ),
+    Route(
+        "GET",
+        "/v1/health",
+        ApiHandlers.health,
+        "Daemon and libvirt health",
+        responses={200: Health},
+    ),
+    Route(
+        "GET",
+        "/v1/connector",
+        ApiHandlers.connector,
+        "This host's os-brick connector properties, ip chosen by a route lookup",
+        responses={200: ConnectorProperties},
+        errors=(InvalidRequest,),
+        query={"target": "storage address (IP literal) to choose the source ip for"},
+    ),
+    Route(
+        "GET",
+        "/v1/doctor",
+        ApiHandlers.doctor,
+        "Disagreements between the records, libvirt and the host, with suggested commands",
+        responses={200: DoctorReport},
+        errors=(LibvirtUnavailable,),
+    ),
+    Route(
+        "POST",
+        "/v1/reconcile",
+        ApiHandlers.reconcile,
+        "Reconcile records against libvirt and host devices now",
+        responses={200: ReconcileReport},
+        errors=(LibvirtUnavailable,),
+    ),
+)
+
+
 def make_app(handlers: ApiHandlers, policy: PeerPolicy) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[error_middleware, peer_auth_middleware(policy), body_limit_middleware],
     )
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, getattr(handlers, route.handler))
+        app.router.add_route(route.method, route.path, functools.partial(route.handler, handlers))
     app.router.add_get("/v1/openapi.json", handlers.get_openapi)
     app.router.add_get("/metrics", handlers.metrics_text)
     return app

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from hostagent.api.openapi import build_openapi
-from hostagent.api.server import ROUTES
+from hostagent.api.server import ROUTES, ApiHandlers
+from hostagent.errors import HostagentError
 
 CHECKED_IN = Path(__file__).parents[2] / "docs" / "openapi.json"
 
@@ -39,3 +40,22 @@ def test_every_api_md_endpoint_is_documented() -> None:
     }
     assert all("403" in op["responses"] for ops in paths.values() for op in ops.values())
     assert "volume_not_multiattach" in put["responses"]["409"]["description"]
+
+
+def _error_classes(base: type[HostagentError] = HostagentError) -> list[type[HostagentError]]:
+    return [base, *(c for sub in base.__subclasses__() for c in _error_classes(sub))]
+
+
+def test_each_error_code_is_one_error_class() -> None:
+    codes = [error.code for error in _error_classes()]
+    assert len(codes) == len(set(codes))
+
+
+def test_routes_document_their_error_classes_and_handlers() -> None:
+    paths = build_openapi()["paths"]
+    for route in ROUTES:
+        operation = paths[route.path][route.method.lower()]
+        assert getattr(ApiHandlers, operation["operationId"]) is route.handler
+        for error in route.errors:
+            description = operation["responses"][str(error.status)]["description"]
+            assert error.code in description.removeprefix("error: ").split(", ")
