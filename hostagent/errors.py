@@ -91,3 +91,11 @@ class RequestTimeout(HostagentError):
 
 class RequestTooLarge(HostagentError):
     status, code = 413, "request_too_large"
+
+
+class TooManyConnections(HostagentError):
+    status, code = 503, "too_many_connections"
+
+
+class HttpVersionNotSupported(HostagentError):
+    status, code = 505, "http_version_not_supported"

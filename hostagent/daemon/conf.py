@@ -60,6 +60,21 @@ API_OPTS: list[cfg.Opt] = [
         min=2,
         help="Threads running blocking API work (libvirt, os-brick, sqlite).",
     ),
+    cfg.FloatOpt(
+        "header_timeout",
+        default=30.0,
+        min=0.1,
+        help="Seconds a connection has to send a request's line and headers, counted "
+        "from its opening or its previous response; then 408 request_timeout, or, if "
+        "nothing of a request arrived (an idle keep-alive connection), it is closed.",
+    ),
+    cfg.IntOpt(
+        "max_connections",
+        default=256,
+        min=1,
+        help="Connections open at once; one more is answered 503 too_many_connections "
+        "and closed (keep it well under the process's open file limit).",
+    ),
     cfg.ListOpt(
         "allowed_uids",
         item_type=types.Integer(min=0),

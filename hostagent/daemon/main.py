@@ -21,6 +21,7 @@ from oslo_config import cfg
 from oslo_log import log
 
 from hostagent import connectors
+from hostagent.api.http_server import ApiRunner, ConnectionLimits
 from hostagent.api.openapi import build_openapi
 from hostagent.api.peer_auth import PeerPolicy
 from hostagent.api.server import ApiHandlers, make_app
@@ -151,10 +152,12 @@ def _watchdog(loop: asyncio.AbstractEventLoop, interval: float) -> None:
     notify("WATCHDOG=1")
 
 
-async def serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+async def serve(
+    app: web.Application, sock: socket.socket, shutdown_timeout: float, limits: ConnectionLimits
+) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and finish in-flight requests."""
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
+    runner = ApiRunner(
+        app, limits, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
     site = web.SockSite(runner, sock)
@@ -248,7 +251,8 @@ def run(conf: cfg.ConfigOpts) -> int:
         periodic.start()
         vanished.start()
         try:
-            asyncio.run(serve(app, sock, shutdown_timeout=conf.detach_timeout + 30))
+            limits = ConnectionLimits(conf.api.header_timeout, conf.api.max_connections)
+            asyncio.run(serve(app, sock, conf.detach_timeout + 30, limits))
         finally:
             # asyncio restored the default handlers; a repeated SIGTERM must not
             # cut the clean shutdown short.

@@ -37,3 +37,12 @@ def test_the_generated_sample_shows_hostagents_log_defaults(tmp_path: Path) -> N
     assert f"#logging_context_format_string = {CONTEXT_FORMAT}" in lines
     assert "#use_stderr = true" in lines
     assert any(line.startswith("#default_log_levels = os_brick=WARNING") for line in lines)
+
+
+def test_the_http_limits_are_api_options(tmp_path: Path) -> None:
+    """[api] header_timeout and max_connections reach the daemon (defaults: 30 s, 256)."""
+    assert (load_config([]).api.header_timeout, load_config([]).api.max_connections) == (30, 256)
+    config = tmp_path / "hostagent.conf"
+    config.write_text("[api]\nheader_timeout = 2.5\nmax_connections = 10\n")
+    conf = load_config(["--config-file", str(config)])
+    assert (conf.api.header_timeout, conf.api.max_connections) == (2.5, 10)
