@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -43,7 +44,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        assert daemon.stop() == 0, daemon.log()[-4000:]
+        code, log = daemon.stop(), daemon.log()
+        shutil.rmtree(short, ignore_errors=True)
+        assert code == 0, log[-4000:]
 
 
 @dataclass(frozen=True)
