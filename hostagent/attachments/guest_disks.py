@@ -8,7 +8,7 @@ import logging
 
 from hostagent import failpoints
 from hostagent.api.models import AttachRequest
-from hostagent.attachments.render import disk_request, disk_source
+from hostagent.attachments.render import disk_source
 from hostagent.connectors import HostDevice, Target
 from hostagent.errors import LibvirtError, TargetDevInUse
 from hostagent.guests.domains import DomainInfo, Guests
@@ -20,7 +20,7 @@ from hostagent.libvirt_xml.disk import (
     parse_domain,
 )
 from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
-from hostagent.libvirt_xml.policy import BlockSource, build_disk
+from hostagent.libvirt_xml.policy import BlockSource, DiskRequest, build_disk
 from hostagent.locks import HostLocks
 from hostagent.observability.metrics import Metrics
 from hostagent.state.store import AttachmentRecord, Store
@@ -36,7 +36,7 @@ def validate_disk_rules(request: AttachRequest, target: Target) -> None:
     """Run the disk policy on the request alone, so its refusals are 400s
     raised before libvirt or the host is touched (raises DiskPolicyError)."""
     build_disk(
-        disk_request(
+        DiskRequest(
             attachment_id="validate",
             serial=request.serial or request.volume_id,
             source=BlockSource(dev="/dev/null"),
@@ -233,7 +233,7 @@ class GuestDisks:
                 controller, view.drive_addresses(controller) | skipped
             )
         disk = build_disk(
-            disk_request(
+            DiskRequest(
                 attachment_id=record.attachment_id,
                 serial=record.serial,
                 source=disk_source(target, device),

@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
 from hostagent.api.models import DetachResult
-from hostagent.connectors import Connector, ConnectorError, HostDevice, Target
+from hostagent.connectors import (
+    Connector,
+    ConnectorError,
+    HostDevice,
+    SecretKeeperFailed,
+    Target,
+)
 from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError, LibvirtUnavailable
 from hostagent.guests.domains import Guests
 from hostagent.host.device_users import device_users
@@ -125,15 +131,15 @@ class HostConnections:
             try:
                 with self.metrics.phase("connect"):
                     device = connector.connect(target)
-            except (ConnectorError, HostagentError) as exc:
-                # HostagentError: libvirt failing a connector's own calls (rbd's secrets).
+            except ConnectorError as exc:
                 LOG.error(
                     "attachment %s: connect %s failed: %s", record.attachment_id, key, _why(exc)
                 )
                 self.store.forget_attachment(record.attachment_id)
                 cleaned = self._clean_up_failed_connect(record, connector, target, connection)
-                if isinstance(exc, HostagentError):
-                    raise
+                if isinstance(exc, SecretKeeperFailed):
+                    # libvirt failing a connector's secrets: its own error, as it was raised
+                    raise exc.cause from exc.cause.__cause__
                 left = "" if cleaned else "; its cleanup failed too, reconcile will release it"
                 raise ConnectFailed(f"connecting {key} failed: {exc}{left}") from None
             failpoints.hit("attach.after_connect")
@@ -180,7 +186,7 @@ class HostConnections:
         """Undo a connect that failed half way; False if even that failed."""
         try:
             connector.disconnect(target, device or HostDevice(path=None, device_info={}))
-        except (ConnectorError, HostagentError) as exc:
+        except ConnectorError as exc:
             LOG.warning(
                 "cleanup disconnect of %s failed (%s); reconcile will retry it",
                 target.connection_key,
@@ -245,6 +251,9 @@ class HostConnections:
             with self.metrics.phase("connect"):
                 device = connector.connect(target)
         except ConnectorError as exc:
+            if isinstance(exc, SecretKeeperFailed):
+                # libvirt failing a connector's secrets: its own error, as it was raised
+                raise exc.cause from exc.cause.__cause__
             raise ConnectFailed(
                 f"reconnecting {connection.connection_key} failed: {exc}"
             ) from None
@@ -370,10 +379,10 @@ class HostConnections:
         try:
             with self.metrics.phase("disconnect"):
                 connector.disconnect(target, device)
-        except LibvirtUnavailable:
-            raise  # 503: the same retry, once libvirtd is back
-        except (ConnectorError, HostagentError) as exc:
-            # HostagentError: libvirt failing a connector's own calls (rbd's secrets).
+        except ConnectorError as exc:
+            if isinstance(exc, SecretKeeperFailed) and isinstance(exc.cause, LibvirtUnavailable):
+                # 503: the same retry, once libvirtd is back
+                raise exc.cause from exc.cause.__cause__
             raise DisconnectFailed(
                 f"disconnecting {connection.connection_key} failed: {_why(exc)}; the "
                 "connection stays; retry the DELETE (or reconcile)"

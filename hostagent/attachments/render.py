@@ -1,21 +1,29 @@
 """Disk XML for an attach request, shared by the daemon and offline rendering.
 
+The connector of the target's protocol says what the guest's disk names (a
+``connectors.DiskSource``); this maps it onto libvirt_xml's disk sources.
 ``hostagentctl xml`` renders what the daemon would attach, without a daemon,
 so an operator can ``virsh attach-device`` it by hand.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from itertools import count
 from typing import Any
 
 from pydantic import ValidationError
 
+from hostagent import connectors
 from hostagent.api.models import ConnectionInfo, describe_validation_error
-from hostagent.connectors import ConnectorRegistry, HostDevice, InvalidTarget, Target
-from hostagent.connectors.rbd import SECRET_NAMESPACE, cephx_key
+from hostagent.connectors import (
+    BlockDiskSource,
+    ConnectorRegistry,
+    DiskSource,
+    HostDevice,
+    InvalidTarget,
+    Target,
+)
 from hostagent.libvirt_xml.disk import DriveAddress, SourceHost
 from hostagent.libvirt_xml.placement import first_free_target_dev, target_dev_name
 from hostagent.libvirt_xml.policy import (
@@ -31,55 +39,27 @@ class OfflineRenderError(ValueError):
     """The connection_info or options cannot make a disk; the message says why."""
 
 
-def disk_source(target: Target, device: HostDevice) -> BlockSource | NetworkSource:
-    """Where the guest's disk reads from: the host block device, or (rbd through
-    librbd) the image on its monitors, with the secret holding the cephx key."""
-    if device.path is not None:
-        return BlockSource(dev=device.path)
-    if target.driver_volume_type == "rbd":
-        props = target.properties
-        hosts = tuple(
-            SourceHost(name=str(host).strip("[]"), port=str(port))
-            for host, port in zip(props["hosts"], props["ports"], strict=True)
-        )
-        # No user, no auth. With auth_enabled false, parse_target has dropped the
-        # user, keys and secret_uuid; a joined connection's secret is not used.
-        secret_uuid = device.device_info.get("secret_uuid") if props.get("auth_username") else None
-        return NetworkSource(
-            protocol="rbd",
-            name=str(props["name"]),
-            hosts=hosts,
-            auth_username=str(props["auth_username"]) if secret_uuid else None,
-            secret_type="ceph" if secret_uuid else None,
-            secret_uuid=str(secret_uuid) if secret_uuid else None,
-        )
-    raise InvalidTarget(f"{target.driver_volume_type} gave no host block device")
-
-
-def disk_request(
-    *,
-    attachment_id: str,
-    serial: str,
-    source: BlockSource | NetworkSource,
-    disk_format: str,
-    multiattach: bool,
-    mode: str,
-    bus: str,
-    target_dev: str,
-    address: DriveAddress | None,
-) -> DiskRequest:
-    """The policy input for a block device on the host."""
-    return DiskRequest(
-        attachment_id=attachment_id,
-        serial=serial,
-        source=source,
-        multiattach=multiattach,
-        mode=mode,
-        bus=bus,
-        disk_format=disk_format,
-        target_dev=target_dev,
-        address=address,
+def libvirt_source(source: DiskSource) -> BlockSource | NetworkSource:
+    """libvirt_xml's disk source for what a connector says a guest's disk names."""
+    if isinstance(source, BlockDiskSource):
+        return BlockSource(dev=source.path)
+    return NetworkSource(
+        protocol=source.protocol,
+        name=source.name,
+        hosts=tuple(SourceHost(name=host.name, port=host.port) for host in source.hosts),
+        auth_username=source.auth_username,
+        secret_type=source.secret_type,
+        secret_uuid=source.secret_uuid,
     )
+
+
+def disk_source(target: Target, device: HostDevice) -> BlockSource | NetworkSource:
+    """Where the guest's disk reads from, as the target's connector says: the
+    host block device, or an image QEMU opens over the network."""
+    source = connectors.disk_source(target, device)
+    if source is None:
+        raise InvalidTarget(f"{target.driver_volume_type} gave no host block device")
+    return libvirt_source(source)
 
 
 def default_unit(target_dev: str) -> int:
@@ -90,28 +70,6 @@ def default_unit(target_dev: str) -> int:
         if name == target_dev or len(name) > len(target_dev):
             return index
     raise AssertionError("unreachable")
-
-
-def offline_source(target: Target) -> BlockSource | NetworkSource:
-    """The disk's source without connecting: the local path, the udev by-path
-    link of a single-path iSCSI LUN, or an rbd image (with the secret the agent
-    would define for a key, or the one connection_info names)."""
-    path = target.properties.get("device_path")
-    if isinstance(path, str):
-        return BlockSource(dev=path)
-    if target.driver_volume_type == "rbd":
-        secret = target.properties.get("secret_uuid")
-        if cephx_key(target.properties) is not None:
-            secret = str(uuid.uuid5(SECRET_NAMESPACE, target.connection_key))
-        return disk_source(target, HostDevice(None, {"secret_uuid": secret}))
-    paths = target.connection_key.removeprefix("iscsi:").split(",")
-    if target.driver_volume_type == "iscsi" and len(paths) == 1:
-        portal, iqn, lun = paths[0].split("/")
-        return BlockSource(dev=f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}")
-    raise OfflineRenderError(
-        f"offline rendering cannot know the device of this {target.driver_volume_type} "
-        "target (multipath devices are named when they appear)"
-    )
 
 
 def render_disk_xml(
@@ -128,21 +86,18 @@ def render_disk_xml(
     """The disk XML hostagent would attach (controller 0, unit from the dev name)."""
     try:
         info = ConnectionInfo.model_validate(connection_info)
-        target = (
-            (registry or ConnectorRegistry.default())
-            .get(info.driver_volume_type)
-            .parse_target(info.data)
-        )
+        connector = (registry or ConnectorRegistry.default()).get(info.driver_volume_type)
+        target = connector.parse_target(info.data)
         dev = target_dev or first_free_target_dev(bus, ())
         address = DriveAddress(0, 0, 0, default_unit(dev)) if bus == "scsi" else None
-        request = disk_request(
+        request = DiskRequest(
             attachment_id=attachment_id,
             serial=serial,
-            source=offline_source(target),
-            disk_format=target.disk_format,
+            source=libvirt_source(connector.offline_disk_source(target)),
             multiattach=multiattach,
             mode=mode,
             bus=bus,
+            disk_format=target.disk_format,
             target_dev=dev,
             address=address,
         )

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from hostagent.connectors.base import (
+    BlockDiskSource,
     Connector,
     ConnectorError,
+    ConnectorSettings,
+    DiskSource,
     HostDevice,
     InvalidTarget,
+    NetworkDiskSource,
+    NetworkHost,
     SecretKeeper,
+    SecretKeeperFailed,
     Target,
+    connected_block_device,
 )
 from hostagent.connectors.iscsi import ISCSIConnector
 from hostagent.connectors.local import LocalConnector
@@ -19,18 +25,17 @@ from hostagent.connectors.rbd import RBDConnector
 
 # The protocols this agent serves, by driver_volume_type: real classes, no strings.
 CONNECTOR_CLASSES: Mapping[str, type[Connector]] = {
-    LocalConnector.driver_volume_type: LocalConnector,
-    ISCSIConnector.driver_volume_type: ISCSIConnector,
-    RBDConnector.driver_volume_type: RBDConnector,
+    kind.driver_volume_type: kind for kind in (LocalConnector, ISCSIConnector, RBDConnector)
 }
 
 
-@dataclass(frozen=True)
-class ConnectorSettings:
-    """What the config says about protocols."""
-
-    iscsi_use_multipath: bool = False
-    rbd_attach_mode: str = "librbd"
+def disk_source(target: Target, device: HostDevice) -> DiskSource | None:
+    """What a guest's disk of a connection names, as its protocol's connector
+    says; for a protocol this agent does not serve (any more), its host device."""
+    kind = CONNECTOR_CLASSES.get(target.driver_volume_type)
+    if kind is None:
+        return connected_block_device(device)
+    return kind.disk_source(target, device)
 
 
 class ConnectorRegistry:
@@ -47,15 +52,7 @@ class ConnectorRegistry:
         (libvirt; None where nothing will be connected, as for offline rendering)."""
         settings = settings or ConnectorSettings()
         return cls(
-            {
-                LocalConnector.driver_volume_type: LocalConnector(),
-                ISCSIConnector.driver_volume_type: ISCSIConnector(
-                    use_multipath=settings.iscsi_use_multipath
-                ),
-                RBDConnector.driver_volume_type: RBDConnector(
-                    attach_mode=settings.rbd_attach_mode, secrets=secrets
-                ),
-            }
+            {name: kind.configured(settings, secrets) for name, kind in CONNECTOR_CLASSES.items()}
         )
 
     def names(self) -> list[str]:
@@ -73,12 +70,18 @@ class ConnectorRegistry:
 
 __all__ = [
     "CONNECTOR_CLASSES",
+    "BlockDiskSource",
     "Connector",
     "ConnectorError",
     "ConnectorRegistry",
     "ConnectorSettings",
+    "DiskSource",
     "HostDevice",
     "InvalidTarget",
+    "NetworkDiskSource",
+    "NetworkHost",
     "SecretKeeper",
+    "SecretKeeperFailed",
     "Target",
+    "disk_source",
 ]

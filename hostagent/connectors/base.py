@@ -2,8 +2,10 @@
 
 A connector turns Cinder's ``connection_info`` into a canonical ``Target``
 (validation happens here, before anything is touched), connects it once per
-host and disconnects it. It knows nothing of libvirt: ``service`` maps a
-``HostDevice`` to a disk source.
+host and disconnects it. It also answers, for its own protocol, what a
+guest's disk of a connection names (a ``DiskSource``): the attach renders it,
+the check before a disconnect looks for it in every domain. It knows nothing
+of libvirt's XML: ``attachments/render.py`` maps a ``DiskSource`` onto it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 
 class InvalidTarget(ValueError):
@@ -21,6 +23,15 @@ class InvalidTarget(ValueError):
 
 class ConnectorError(RuntimeError):
     """os-brick failed to connect or disconnect; the message says what it reported."""
+
+
+class SecretKeeperFailed(ConnectorError):
+    """The ``SecretKeeper`` failed a connector's call (libvirt refused, or is
+    away); ``cause`` is the keeper's own error, for the caller to report as is."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,57 @@ class HostDevice:
     device_info: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class BlockDiskSource:
+    """A guest's disk on a host block device."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class NetworkHost:
+    """One server a network disk is reached through (a Ceph monitor, say)."""
+
+    name: str
+    port: str | None = None
+
+
+@dataclass(frozen=True)
+class NetworkDiskSource:
+    """A guest's disk that QEMU opens itself over the network: ``name`` on the
+    ``hosts`` of ``protocol``, with the user and the secret holding its key."""
+
+    protocol: str
+    name: str
+    hosts: tuple[NetworkHost, ...]
+    auth_username: str | None = None
+    secret_type: str | None = None
+    secret_uuid: str | None = None
+
+
+DiskSource = BlockDiskSource | NetworkDiskSource
+
+
+def connected_block_device(device: HostDevice) -> BlockDiskSource | None:
+    """The host block device a connect produced, if it produced one."""
+    return BlockDiskSource(device.path) if device.path is not None else None
+
+
+def named_block_device(target: Target) -> BlockDiskSource | None:
+    """The device ``connection_info`` names itself (``device_path``: the local
+    protocol's own, or the one nova records there after its connect)."""
+    path = target.properties.get("device_path")
+    return BlockDiskSource(path) if isinstance(path, str) else None
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """What the config says about protocols."""
+
+    iscsi_use_multipath: bool = False
+    rbd_attach_mode: str = "librbd"
+
+
 class SecretKeeper(Protocol):
     """Where connectors keep credentials QEMU must read: libvirt's secrets."""
 
@@ -61,6 +123,12 @@ class Connector(Protocol):
 
     driver_volume_type: ClassVar[str]
 
+    @classmethod
+    def configured(cls, settings: ConnectorSettings, secrets: SecretKeeper | None) -> Self:
+        """The connector as the config asks; ``secrets`` is where credentials QEMU
+        reads are kept (None where nothing will be connected)."""
+        ...
+
     def parse_target(self, data: Mapping[str, Any]) -> Target:
         """Validate ``connection_info['data']``; raise InvalidTarget, touch nothing."""
         ...
@@ -76,6 +144,22 @@ class Connector(Protocol):
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
         """Release the host connection; raise ConnectorError if it could not."""
+        ...
+
+    # What a guest's disk names depends on the target and device alone, not on
+    # how the connector is configured: the check before a disconnect asks the
+    # class, for any recorded connection, with no connector made.
+
+    @staticmethod
+    def disk_source(target: Target, device: HostDevice) -> DiskSource | None:
+        """What a guest's disk of this connection names, from what its connect
+        produced; None while there is nothing a disk could name."""
+        ...
+
+    @staticmethod
+    def offline_disk_source(target: Target) -> DiskSource:
+        """The disk source without connecting (``hostagentctl xml``); raise
+        InvalidTarget if only the connect can tell it."""
         ...
 
 
@@ -107,3 +191,15 @@ def os_brick_errors(what: str, properties: Mapping[str, Any]) -> Iterator[None]:
     except Exception as exc:
         message = f"{what} failed: {type(exc).__name__}: {exc}"
         raise ConnectorError(scrub(message, properties)) from exc
+
+
+@contextlib.contextmanager
+def secret_keeper_errors() -> Iterator[None]:
+    """Turn what the SecretKeeper raises in the block (libvirt's errors) into the
+    contract's SecretKeeperFailed; a ConnectorError passes as it is."""
+    try:
+        yield
+    except ConnectorError:
+        raise
+    except Exception as exc:
+        raise SecretKeeperFailed(exc) from exc

@@ -14,17 +14,23 @@ import contextlib
 import ipaddress
 import os
 import re
-from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 from os_brick.initiator.connectors.iscsi import ISCSIConnector as BrickISCSIConnector
 from os_brick.initiator.utils import guard_connection
 
 from hostagent.connectors.base import (
+    BlockDiskSource,
     ConnectorError,
+    ConnectorSettings,
     HostDevice,
     InvalidTarget,
+    SecretKeeper,
     Target,
+    connected_block_device,
+    named_block_device,
     os_brick_errors,
 )
 
@@ -73,8 +79,21 @@ def _lun(value: object) -> int:
     return value
 
 
-def _paths(data: Mapping[str, Any], multipath: bool) -> list[tuple[str, str, int]]:
-    """Every (portal, iqn, lun) the properties name, validated and canonical."""
+@dataclass(frozen=True, order=True)
+class ISCSIPath:
+    """One way to the LUN: a portal, the target's IQN and the LUN number there."""
+
+    portal: str
+    iqn: str
+    lun: int
+
+    def by_path_link(self) -> str:
+        """udev's name for the LUN reached this way (it survives /dev/sdX renumbering)."""
+        return f"/dev/disk/by-path/ip-{self.portal}-iscsi-{self.iqn}-lun-{self.lun}"
+
+
+def _paths(data: Mapping[str, Any], multipath: bool) -> list[ISCSIPath]:
+    """Every path the properties name, validated and canonical."""
     plural = all(k in data for k in ("target_portals", "target_iqns", "target_luns"))
     if plural and (multipath or "target_portal" not in data):
         portals, iqns, luns = data["target_portals"], data["target_iqns"], data["target_luns"]
@@ -83,19 +102,36 @@ def _paths(data: Mapping[str, Any], multipath: bool) -> list[tuple[str, str, int
         if not len(portals) == len(iqns) == len(luns):
             raise InvalidTarget("target_portals, target_iqns, target_luns differ in length")
         return [
-            (canonical_portal(p), _iqn(i), _lun(n))
+            ISCSIPath(canonical_portal(p), _iqn(i), _lun(n))
             for p, i, n in zip(portals, iqns, luns, strict=True)
         ]
     missing = [k for k in ("target_portal", "target_iqn", "target_lun") if k not in data]
     if missing:
         raise InvalidTarget(f"iSCSI connection_info.data lacks {', '.join(missing)}")
     return [
-        (
+        ISCSIPath(
             canonical_portal(data["target_portal"]),
             _iqn(data["target_iqn"]),
             _lun(data["target_lun"]),
         )
     ]
+
+
+def _connection_key(paths: Sequence[ISCSIPath]) -> str:
+    """The LUN's key: every path to it, sorted, each once."""
+    return "iscsi:" + ",".join(f"{p.portal}/{p.iqn}/{p.lun}" for p in sorted(set(paths)))
+
+
+def target_paths(target: Target) -> tuple[ISCSIPath, ...]:
+    """The paths the target was connected by: those of the properties' single
+    or multipath form, whichever made its key (the daemon's multipath setting
+    may have changed since); empty if neither did."""
+    for multipath in (False, True):
+        with contextlib.suppress(InvalidTarget):
+            paths = _paths(target.properties, multipath)
+            if _connection_key(paths) == target.connection_key:
+                return tuple(sorted(set(paths)))
+    return ()
 
 
 def _check_auth(data: Mapping[str, Any]) -> None:
@@ -118,10 +154,9 @@ def stable_path(target: Target, info: Mapping[str, Any]) -> str:
     candidates = []
     if info.get("multipath_id"):
         candidates.append(f"/dev/mapper/{info['multipath_id']}")
-    paths = target.connection_key.removeprefix("iscsi:").split(",")
+    paths = target_paths(target)
     if len(paths) == 1:
-        portal, iqn, lun = paths[0].split("/")
-        candidates.append(f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}")
+        candidates.append(paths[0].by_path_link())
     for candidate in candidates:
         if os.path.exists(candidate) and os.path.realpath(candidate) == real:
             return candidate
@@ -141,17 +176,20 @@ class ISCSIConnector:
             else BrickISCSIConnector(root_helper=None, use_multipath=use_multipath)
         )
 
+    @classmethod
+    def configured(cls, settings: ConnectorSettings, secrets: SecretKeeper | None) -> Self:
+        return cls(use_multipath=settings.iscsi_use_multipath)
+
     def parse_target(self, data: Mapping[str, Any]) -> Target:
         paths = _paths(data, self.use_multipath)
         _check_auth(data)
         disk_format = data.get("format", "raw")
         if not isinstance(disk_format, str):
             raise InvalidTarget("connection_info.data.format must be a string")
-        key = "iscsi:" + ",".join(f"{p}/{i}/{n}" for p, i, n in sorted(set(paths)))
         properties = dict(data)  # os-brick wants Cinder's shape back, CHAP included
         if len(paths) == 1 and "target_portal" in data:
-            properties["target_portal"] = paths[0][0]
-        return Target(self.driver_volume_type, key, properties, disk_format)
+            properties["target_portal"] = paths[0].portal
+        return Target(self.driver_volume_type, _connection_key(paths), properties, disk_format)
 
     @contextlib.contextmanager
     def guard(self, target: Target) -> Iterator[None]:
@@ -177,3 +215,22 @@ class ISCSIConnector:
             self._brick.disconnect_volume(
                 dict(target.properties), dict(device.device_info), force=False
             )
+
+    @staticmethod
+    def disk_source(target: Target, device: HostDevice) -> BlockDiskSource | None:
+        return connected_block_device(device)
+
+    @staticmethod
+    def offline_disk_source(target: Target) -> BlockDiskSource:
+        """The by-path link of a single-path LUN (or a device_path nova recorded);
+        a multipath device is named only when it appears."""
+        named = named_block_device(target)
+        if named is not None:
+            return named
+        paths = target_paths(target)
+        if len(paths) != 1:
+            raise InvalidTarget(
+                f"offline rendering cannot know the device of this {target.driver_volume_type} "
+                "target (multipath devices are named when they appear)"
+            )
+        return BlockDiskSource(paths[0].by_path_link())

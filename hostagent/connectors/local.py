@@ -6,15 +6,19 @@ import contextlib
 import os
 import stat
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from os_brick.initiator.connectors.local import LocalConnector as BrickLocalConnector
 
 from hostagent.connectors.base import (
+    BlockDiskSource,
     ConnectorError,
+    ConnectorSettings,
     HostDevice,
     InvalidTarget,
+    SecretKeeper,
     Target,
+    connected_block_device,
     os_brick_errors,
 )
 
@@ -52,6 +56,10 @@ class LocalConnector:
     def __init__(self, brick: Any | None = None) -> None:
         self._brick = brick if brick is not None else BrickLocalConnector(root_helper=None)
 
+    @classmethod
+    def configured(cls, settings: ConnectorSettings, secrets: SecretKeeper | None) -> Self:
+        return cls()
+
     def parse_target(self, data: Mapping[str, Any]) -> Target:
         real = canonical_block_device(data.get("device_path"))
         disk_format = data.get("format", "raw")
@@ -80,3 +88,12 @@ class LocalConnector:
     def disconnect(self, target: Target, device: HostDevice) -> None:
         with os_brick_errors(f"releasing local device {device.path}", target.properties):
             self._brick.disconnect_volume(dict(target.properties), dict(device.device_info))
+
+    @staticmethod
+    def disk_source(target: Target, device: HostDevice) -> BlockDiskSource | None:
+        return connected_block_device(device)
+
+    @staticmethod
+    def offline_disk_source(target: Target) -> BlockDiskSource:
+        """The device itself: parse_target resolved it already."""
+        return BlockDiskSource(str(target.properties["device_path"]))

@@ -19,17 +19,24 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from os_brick.initiator.connectors.rbd import RBDConnector as BrickRBDConnector
 
 from hostagent.connectors.base import (
+    BlockDiskSource,
     ConnectorError,
+    ConnectorSettings,
+    DiskSource,
     HostDevice,
     InvalidTarget,
+    NetworkDiskSource,
+    NetworkHost,
     SecretKeeper,
     Target,
+    named_block_device,
     os_brick_errors,
+    secret_keeper_errors,
 )
 
 MODES = ("librbd", "krbd")
@@ -104,6 +111,10 @@ class RBDConnector:
         if attach_mode == "krbd":
             self._krbd()
 
+    @classmethod
+    def configured(cls, settings: ConnectorSettings, secrets: SecretKeeper | None) -> Self:
+        return cls(attach_mode=settings.rbd_attach_mode, secrets=secrets)
+
     def _krbd(self) -> Any:
         """os-brick's RBDConnector for rbd map/unmap, made on first use: a
         librbd daemon needs it too, to unmap a connection recorded as krbd."""
@@ -174,18 +185,22 @@ class RBDConnector:
         key = cephx_key(props)
         if key is not None:
             secret_uuid = agent_secret_uuid(target)
-            self._keeper().define_secret(
-                secret_uuid, f"hostagent {target.connection_key}", base64.b64decode(key)
-            )
+            with secret_keeper_errors():
+                self._keeper().define_secret(
+                    secret_uuid, f"hostagent {target.connection_key}", base64.b64decode(key)
+                )
             return HostDevice(
                 None, {"mode": "librbd", "secret_uuid": secret_uuid, "agent_secret": True}
             )
         named: str | None = props.get("secret_uuid")
-        if named is not None and not self._keeper().has_secret(named):
-            raise ConnectorError(
-                f"libvirt has no secret {named} for {target.connection_key}; define it "
-                "(virsh secret-define) or send the key"
-            )
+        if named is not None:
+            with secret_keeper_errors():
+                known = self._keeper().has_secret(named)
+            if not known:
+                raise ConnectorError(
+                    f"libvirt has no secret {named} for {target.connection_key}; define it "
+                    "(virsh secret-define) or send the key"
+                )
         return HostDevice(None, {"mode": "librbd", "secret_uuid": named, "agent_secret": False})
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
@@ -199,9 +214,46 @@ class RBDConnector:
         if info.get("mode", self.attach_mode) == "krbd":
             self._unmap(target, device)
         elif info.get("agent_secret"):
-            self._keeper().undefine_secret(str(info["secret_uuid"]))
+            with secret_keeper_errors():
+                self._keeper().undefine_secret(str(info["secret_uuid"]))
         elif "mode" not in info and cephx_key(target.properties) is not None:
-            self._keeper().undefine_secret(agent_secret_uuid(target))
+            with secret_keeper_errors():
+                self._keeper().undefine_secret(agent_secret_uuid(target))
+
+    @staticmethod
+    def disk_source(target: Target, device: HostDevice) -> DiskSource:
+        """The mapped device (krbd), else the image on its monitors, with the
+        secret holding the cephx key (librbd)."""
+        if device.path is not None:
+            return BlockDiskSource(device.path)
+        props = target.properties
+        hosts = tuple(
+            NetworkHost(name=str(host).strip("[]"), port=str(port))
+            for host, port in zip(props["hosts"], props["ports"], strict=True)
+        )
+        # No user, no auth. With auth_enabled false, parse_target has dropped the
+        # user, keys and secret_uuid; a joined connection's secret is not used.
+        secret_uuid = device.device_info.get("secret_uuid") if props.get("auth_username") else None
+        return NetworkDiskSource(
+            protocol="rbd",
+            name=str(props["name"]),
+            hosts=hosts,
+            auth_username=str(props["auth_username"]) if secret_uuid else None,
+            secret_type="ceph" if secret_uuid else None,
+            secret_uuid=str(secret_uuid) if secret_uuid else None,
+        )
+
+    @staticmethod
+    def offline_disk_source(target: Target) -> DiskSource:
+        """The image as librbd opens it, with the secret the agent would define
+        for a key or the one connection_info names (or a device_path nova recorded)."""
+        named_device = named_block_device(target)
+        if named_device is not None:
+            return named_device
+        secret = target.properties.get("secret_uuid")
+        if cephx_key(target.properties) is not None:
+            secret = agent_secret_uuid(target)
+        return RBDConnector.disk_source(target, HostDevice(None, {"secret_uuid": secret}))
 
     def _keeper(self) -> SecretKeeper:
         if self._secrets is None:

@@ -15,12 +15,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from xml.sax.saxutils import escape
 
 import libvirt
 
 from hostagent.errors import DomainNotFound
 from hostagent.guests.session import LibvirtSession
+from hostagent.libvirt_xml.secret import SecretSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -285,12 +285,9 @@ class Guests:
 
     def define_secret(self, uuid: str, usage_name: str, value: bytes) -> None:
         """A private (unreadable through the API), persistent ceph secret."""
-        xml = (
-            "<secret ephemeral='no' private='yes'>"
-            f"<uuid>{escape(uuid)}</uuid>"
-            f"<usage type='ceph'><name>{escape(usage_name)}</name></usage>"
-            "</secret>"
-        )
+        xml = SecretSpec(
+            ephemeral="no", private="yes", uuid=uuid, usage_type="ceph", usage_name=usage_name
+        ).to_xml()
 
         def run(conn: Any) -> None:
             conn.secretDefineXML(xml, 0).setValue(value, 0)

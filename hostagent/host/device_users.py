@@ -14,6 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from hostagent.connectors import (
+    BlockDiskSource,
+    HostDevice,
+    NetworkDiskSource,
+    Target,
+    disk_source,
+)
 from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
 from hostagent.guests.domains import Guests
 from hostagent.host.holders import device_number, processes_holding
@@ -53,7 +60,7 @@ class HostDeviceMatcher:
 
 
 class NetworkDiskMatcher:
-    """Matches network disks (protocol and name, e.g. rbd pool/image)."""
+    """Matches network disks (protocol and name, e.g. a Ceph pool/image)."""
 
     def __init__(self, protocol: str, name: str) -> None:
         self.protocol = protocol
@@ -67,13 +74,20 @@ DiskMatcher = HostDeviceMatcher | NetworkDiskMatcher
 
 
 def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
-    """How to recognise a connection's disk in a domain's XML, or None if it
-    has nothing a disk could name."""
-    if connection.device_path is not None:
-        return HostDeviceMatcher(connection.device_path)
-    name = connection.connection_data.get("name")
-    if connection.driver_volume_type == "rbd" and isinstance(name, str):
-        return NetworkDiskMatcher("rbd", name)
+    """How to recognise a connection's disk in a domain's XML: by what its
+    connector says a guest's disk names, or None if it names nothing yet."""
+    target = Target(
+        driver_volume_type=connection.driver_volume_type,
+        connection_key=connection.connection_key,
+        properties=connection.connection_data,
+        disk_format=connection.disk_format,
+    )
+    device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
+    source = disk_source(target, device)
+    if isinstance(source, BlockDiskSource):
+        return HostDeviceMatcher(source.path)
+    if isinstance(source, NetworkDiskSource):
+        return NetworkDiskMatcher(source.protocol, source.name)
     return None
 
 

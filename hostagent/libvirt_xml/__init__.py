@@ -1,7 +1,8 @@
-"""libvirt domain XML for the disks hostagent attaches: pure data, rules and placement.
+"""libvirt XML for the disks hostagent attaches: pure data, rules and placement.
 
 ``disk`` maps XML to frozen dataclasses (via ``xmlmodel``), ``policy`` decides
-what a requested disk looks like, ``placement`` picks free names and addresses.
+what a requested disk looks like, ``placement`` picks free names and addresses,
+``secret`` declares the secrets that hold a network disk's key.
 Nothing here talks to libvirt.
 """
 
@@ -26,6 +27,7 @@ from hostagent.libvirt_xml.policy import (
     build_disk,
     user_alias,
 )
+from hostagent.libvirt_xml.secret import SecretSpec
 
 __all__ = [
     "BlockSource",
@@ -36,6 +38,7 @@ __all__ = [
     "DomainDevices",
     "DriveAddress",
     "NetworkSource",
+    "SecretSpec",
     "SourceHost",
     "build_disk",
     "first_free_drive_address",

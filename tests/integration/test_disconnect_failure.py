@@ -14,7 +14,7 @@ import pytest
 
 from hostagent.api.models import AttachRequest
 from hostagent.attachments.reconcile import Reconciler
-from hostagent.connectors import ConnectorError, HostDevice, Target
+from hostagent.connectors import ConnectorError, HostDevice, SecretKeeperFailed, Target
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import ConnectFailed, DisconnectFailed, LibvirtError, LibvirtUnavailable
 from hostagent.guests.domains import Guests as HostGuests
@@ -161,7 +161,10 @@ class FailingConnect(FailingFirstDisconnect):
 
 @pytest.mark.parametrize(
     "error",
-    [ConnectorError("login timed out"), LibvirtUnavailable("libvirt went away")],
+    [
+        ConnectorError("login timed out"),
+        SecretKeeperFailed(LibvirtUnavailable("libvirt went away")),
+    ],
     ids=["os-brick", "libvirt-inside-connect"],
 )
 def test_a_failed_connect_leaves_nothing_but_what_its_cleanup_could_not_undo(
@@ -177,7 +180,7 @@ def test_a_failed_connect_leaves_nothing_but_what_its_cleanup_could_not_undo(
     guest, device = guests.make(), loops.make()
     key = f"local:{device}"
     request = AttachRequest.model_validate(local_request(device, guest, volume_id="v"))
-    expected = ConnectFailed if isinstance(error, ConnectorError) else LibvirtUnavailable
+    expected = LibvirtUnavailable if isinstance(error, SecretKeeperFailed) else ConnectFailed
     with pytest.raises(expected):
         service.attach(unique("att"), request)
     assert store.list_attachments() == [], "no attaching row is left behind"
@@ -242,7 +245,7 @@ def test_a_disconnect_failing_in_libvirt_is_a_disconnect_failed_to_retry(
 ) -> None:
     """rbd's secret removal failing in libvirt, say."""
     connector = FailingFirstDisconnect(
-        disconnect_error=LibvirtError("undefine secret 3f6f: operation failed")
+        disconnect_error=SecretKeeperFailed(LibvirtError("undefine secret 3f6f: operation failed"))
     )
     service = service_with(connector, tmp_path, host_guests)
     guest, device = guests.make(), loops.make()

@@ -8,10 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.connectors import CONNECTOR_CLASSES, ConnectorRegistry, InvalidTarget
+from hostagent.connectors import (
+    CONNECTOR_CLASSES,
+    BlockDiskSource,
+    ConnectorRegistry,
+    ConnectorSettings,
+    HostDevice,
+    InvalidTarget,
+    Target,
+    disk_source,
+)
 from hostagent.connectors.iscsi import ISCSIConnector
 from hostagent.connectors.local import LocalConnector
 from hostagent.connectors.rbd import RBDConnector
+from tests.unit.test_connectors_rbd import KEY, RecordingSecretKeeper, cinder_data
 
 
 @pytest.fixture
@@ -36,6 +46,28 @@ def test_registry_holds_real_classes_and_names_unknown_protocols() -> None:
         match=r"unknown driver_volume_type 'nfs'; this host serves iscsi, local, rbd",
     ):
         registry.get("nfs")
+
+
+def test_the_default_registry_configures_every_class_it_lists() -> None:
+    keeper = RecordingSecretKeeper()
+    registry = ConnectorRegistry.default(
+        ConnectorSettings(iscsi_use_multipath=True, rbd_attach_mode="librbd"), secrets=keeper
+    )
+    assert registry.names() == sorted(CONNECTOR_CLASSES)
+    for name, kind in CONNECTOR_CLASSES.items():
+        assert type(registry.get(name)) is kind
+    iscsi, rbd = registry.get("iscsi"), registry.get("rbd")
+    assert isinstance(iscsi, ISCSIConnector) and iscsi.use_multipath is True
+    assert isinstance(rbd, RBDConnector) and rbd.attach_mode == "librbd"
+    target = rbd.parse_target(cinder_data(key=KEY))
+    rbd.connect(target)
+    assert [call for call, _ in keeper.calls] == ["define"], "rbd keeps its secret there"
+
+
+def test_a_protocol_no_longer_served_names_its_host_device_if_it_has_one() -> None:
+    gone = Target("nfs", "nfs:server:/export", {"export": "server:/export"})
+    assert disk_source(gone, HostDevice("/dev/sdc", {})) == BlockDiskSource("/dev/sdc")
+    assert disk_source(gone, HostDevice(None, {})) is None
 
 
 def test_local_key_is_canonical(loop_device: str, dev_link: Path) -> None:
@@ -88,4 +120,6 @@ def test_local_connect_and_disconnect_through_os_brick(loop_device: str) -> None
     device = connector.connect(target)
     assert device.path == loop_device
     assert device.device_info == {"type": "local", "path": loop_device}
+    assert connector.disk_source(target, device) == BlockDiskSource(loop_device)
+    assert connector.offline_disk_source(target) == BlockDiskSource(loop_device)
     connector.disconnect(target, device)

@@ -7,15 +7,16 @@ runs in the storage lab VM (tests/lab).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from oslo_concurrency import lockutils
 
-from hostagent.connectors import ConnectorError, InvalidTarget
+from hostagent.connectors import BlockDiskSource, ConnectorError, InvalidTarget
 from hostagent.connectors.base import HostDevice
-from hostagent.connectors.iscsi import ISCSIConnector, canonical_portal
+from hostagent.connectors.iscsi import ISCSIConnector, ISCSIPath, canonical_portal, target_paths
 
 IQN = "iqn.2010-10.org.openstack:volume-1"
 PASSWORD = "Sup3r-Secret-CHAP"
@@ -89,6 +90,46 @@ def test_the_same_lun_gives_the_same_key_however_it_is_written() -> None:
     both = {**single(), **plural}
     assert no_multipath.parse_target(both).connection_key == f"iscsi:192.0.2.5:3260/{IQN}/1"
     assert connector.parse_target(both).connection_key.count("/") == 4
+
+
+def test_a_target_names_the_paths_that_made_its_key_whatever_multipath_says_now() -> None:
+    both = {
+        **single(),
+        "target_portals": ["192.0.2.6", "192.0.2.5:3260"],
+        "target_iqns": [IQN, IQN],
+        "target_luns": [1, 1],
+    }
+    five, six = ISCSIPath("192.0.2.5:3260", IQN, 1), ISCSIPath("192.0.2.6:3260", IQN, 1)
+    made_single = ISCSIConnector(brick=RecordingBrickISCSI()).parse_target(both)
+    made_multi = ISCSIConnector(use_multipath=True, brick=RecordingBrickISCSI()).parse_target(both)
+    assert target_paths(made_single) == (five,)
+    assert target_paths(made_multi) == (five, six)
+    assert five.by_path_link() == f"/dev/disk/by-path/ip-192.0.2.5:3260-iscsi-{IQN}-lun-1"
+    # A key its properties cannot have made (a record edited by hand) names no path.
+    edited = ISCSIConnector(brick=RecordingBrickISCSI()).parse_target(single(target_lun=4))
+    assert target_paths(replace(edited, connection_key=made_single.connection_key)) == ()
+
+
+def test_disk_sources_the_device_online_and_the_by_path_link_of_one_path_offline() -> None:
+    connector = ISCSIConnector(brick=RecordingBrickISCSI())
+    target = connector.parse_target(single())
+    device = connector.connect(target)
+    assert connector.disk_source(target, device) == BlockDiskSource(str(device.path))
+    assert connector.disk_source(target, HostDevice(None, {})) is None, "not connected yet"
+    assert connector.offline_disk_source(target) == BlockDiskSource(
+        f"/dev/disk/by-path/ip-192.0.2.5:3260-iscsi-{IQN}-lun-1"
+    )
+    recorded = connector.parse_target(single(device_path="/dev/sdq"))  # as nova records it
+    assert connector.offline_disk_source(recorded) == BlockDiskSource("/dev/sdq")
+    multipath = ISCSIConnector(use_multipath=True, brick=RecordingBrickISCSI()).parse_target(
+        {
+            "target_portals": ["192.0.2.5", "192.0.2.6"],
+            "target_iqns": [IQN] * 2,
+            "target_luns": [1] * 2,
+        }
+    )
+    with pytest.raises(InvalidTarget, match="multipath devices are named when they appear"):
+        connector.offline_disk_source(multipath)
 
 
 @pytest.mark.parametrize(

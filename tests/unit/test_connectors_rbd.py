@@ -9,37 +9,56 @@ from __future__ import annotations
 
 import base64
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from hostagent.attachments.render import disk_source, render_disk_xml
-from hostagent.connectors import ConnectorError, HostDevice, InvalidTarget
+from hostagent.connectors import (
+    BlockDiskSource,
+    ConnectorError,
+    HostDevice,
+    InvalidTarget,
+    NetworkDiskSource,
+    NetworkHost,
+    SecretKeeperFailed,
+)
 from hostagent.connectors import rbd as rbd_module
 from hostagent.connectors.base import scrub
 from hostagent.connectors.rbd import SECRET_NAMESPACE, RBDConnector, cephx_key
+from hostagent.errors import LibvirtError, LibvirtUnavailable
 from hostagent.libvirt_xml.policy import NetworkSource
 
 KEY = base64.b64encode(b"k" * 28).decode()
 
 
 class RecordingSecretKeeper:
-    """Stands in for libvirt's secret API and records what the connector asks."""
+    """Stands in for libvirt's secret API and records what the connector asks;
+    with ``failure``, every call raises it (libvirt refusing, or gone)."""
 
-    def __init__(self, existing: set[str] | None = None) -> None:
+    def __init__(self, existing: set[str] | None = None, failure: Exception | None = None) -> None:
         self.secrets: dict[str, tuple[str, bytes]] = {}
         self.existing = existing or set()
         self.calls: list[tuple[str, str]] = []
+        self.failure = failure
+
+    def _fail(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
     def define_secret(self, uuid: str, usage_name: str, value: bytes) -> None:
         self.calls.append(("define", uuid))
+        self._fail()
         self.secrets[uuid] = (usage_name, value)
 
     def undefine_secret(self, uuid: str) -> None:
         self.calls.append(("undefine", uuid))
+        self._fail()
         self.secrets.pop(uuid, None)
 
     def has_secret(self, uuid: str) -> bool:
+        self._fail()
         return uuid in self.secrets or uuid in self.existing
 
 
@@ -143,6 +162,58 @@ def test_an_operators_secret_is_used_and_never_removed() -> None:
     missing = connector.parse_target(cinder_data(secret_uuid=str(uuid.uuid4())))
     with pytest.raises(ConnectorError, match="libvirt has no secret"):
         connector.connect(missing)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        LibvirtError("define secret x: operation failed"),
+        LibvirtUnavailable("libvirt qemu:///system is not connected; retry later"),
+    ],
+    ids=["refused", "away"],
+)
+def test_libvirt_failing_the_secrets_is_a_connector_error_carrying_libvirts_own(
+    failure: Exception,
+) -> None:
+    connector = RBDConnector(secrets=RecordingSecretKeeper(failure=failure))
+    with_key = connector.parse_target(cinder_data(key=KEY))
+    named = connector.parse_target(cinder_data(secret_uuid="7d7c3e7e-0000-4000-8000-00000000abcd"))
+    agents = HostDevice(None, {"mode": "librbd", "secret_uuid": "u", "agent_secret": True})
+    never_recorded = HostDevice(None, {})
+    for step in (
+        lambda: connector.connect(with_key),  # define
+        lambda: connector.connect(named),  # look up
+        lambda: connector.disconnect(with_key, agents),  # undefine
+        lambda: connector.disconnect(with_key, never_recorded),
+    ):
+        with pytest.raises(SecretKeeperFailed) as failed:
+            step()
+        assert isinstance(failed.value, ConnectorError), "inside the connector contract"
+        assert failed.value.cause is failure and str(failed.value) == str(failure)
+
+    nowhere = RBDConnector()  # no keeper at all: the connector's own error, not libvirt's
+    with pytest.raises(ConnectorError, match="needs libvirt") as missing:
+        nowhere.connect(with_key)
+    assert not isinstance(missing.value, SecretKeeperFailed)
+
+
+def test_disk_sources_online_and_offline() -> None:
+    operator_uuid = "7d7c3e7e-0000-4000-8000-00000000abcd"
+    connector = RBDConnector(secrets=RecordingSecretKeeper(existing={operator_uuid}))
+    with_key = connector.parse_target(cinder_data(key=KEY))
+    agents = str(uuid.uuid5(SECRET_NAMESPACE, with_key.connection_key))
+    monitors = (
+        NetworkHost("192.0.2.1", "6789"),
+        NetworkHost("192.0.2.2", "6789"),
+        NetworkHost("2001:db8::3", "6789"),
+    )
+    image = NetworkDiskSource("rbd", "volumes/volume-1", monitors, "cinder", "ceph", agents)
+    assert connector.disk_source(with_key, connector.connect(with_key)) == image
+    assert connector.offline_disk_source(with_key) == image, "offline: the secret it would make"
+    named = connector.parse_target(cinder_data(secret_uuid=operator_uuid))
+    assert connector.offline_disk_source(named) == replace(image, secret_uuid=operator_uuid)
+    mapped = HostDevice("/dev/rbd0", {"mode": "krbd", "path": "/dev/rbd0"})
+    assert connector.disk_source(with_key, mapped) == BlockDiskSource("/dev/rbd0")
 
 
 def test_a_connect_that_was_never_recorded_is_undone_in_the_daemons_mode() -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.host.device_users import HostDeviceMatcher
+from hostagent.host.device_users import HostDeviceMatcher, matcher_for
 from hostagent.host.holders import processes_holding
 from hostagent.libvirt_xml.disk import DiskRef
+from hostagent.state.records import ConnectionRecord, ConnectionState
 
 
 @pytest.fixture
@@ -37,6 +38,58 @@ def test_a_disk_matches_by_path_symlink_or_device_number(
     assert matcher.matches(DiskRef(source_file=str(twin)))
     assert not matcher.matches(DiskRef(source_dev="/dev/null"))
     assert not matcher.matches(DiskRef(source_protocol="rbd", source_name="pool/image"))
+
+
+def recorded(
+    driver_volume_type: str,
+    key: str,
+    data: dict[str, object],
+    device_path: str | None = None,
+    device_info: dict[str, object] | None = None,
+) -> ConnectionRecord:
+    return ConnectionRecord(
+        connection_key=key,
+        driver_volume_type=driver_volume_type,
+        connection_data=data,
+        disk_format="raw",
+        state=ConnectionState.CONNECTED,
+        boot_id="boot-1",
+        created_at=0.0,
+        device_path=device_path,
+        device_info=device_info,
+    )
+
+
+RBD_DATA: dict[str, object] = {
+    "name": "volumes/volume-1",
+    "hosts": ["192.0.2.1"],
+    "ports": ["6789"],
+    "cluster_name": "ceph",
+    "auth_username": "cinder",
+}
+
+
+def test_a_connections_disk_is_recognised_by_what_its_connector_says_it_names(
+    loop_device: str, dev_link: str
+) -> None:
+    local = matcher_for(recorded("local", f"local:{loop_device}", {}, loop_device))
+    assert local is not None and local.matches(DiskRef(source_dev=dev_link))
+    image = matcher_for(
+        recorded("rbd", "rbd:ceph/volumes/volume-1", RBD_DATA, device_info={"secret_uuid": "u"})
+    )
+    assert image is not None
+    assert image.matches(DiskRef(source_protocol="rbd", source_name="volumes/volume-1"))
+    assert not image.matches(DiskRef(source_protocol="nbd", source_name="volumes/volume-1"))
+    assert not image.matches(DiskRef(source_protocol="rbd", source_name="volumes/volume-2"))
+    # A connect that never got recorded: the image is known, the secret is not needed.
+    assert matcher_for(recorded("rbd", "rbd:ceph/volumes/volume-1", RBD_DATA)) is not None
+    mapped = matcher_for(recorded("rbd", "rbd:ceph/volumes/volume-1", RBD_DATA, loop_device))
+    assert mapped is not None and mapped.matches(DiskRef(source_dev=loop_device))
+    assert not mapped.matches(DiskRef(source_protocol="rbd", source_name="volumes/volume-1"))
+    # Nothing connected yet names nothing; a protocol no longer served, its device.
+    assert matcher_for(recorded("iscsi", "iscsi:192.0.2.5:3260/iqn.x/1", {})) is None
+    gone = matcher_for(recorded("nfs", "nfs:server:/export", {}, loop_device))
+    assert gone is not None and gone.matches(DiskRef(source_dev=loop_device))
 
 
 def test_processes_holding_finds_an_open_descriptor(loop_device: str) -> None:

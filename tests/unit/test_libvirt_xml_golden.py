@@ -1,9 +1,10 @@
-"""Golden files for libvirt disk XML: generate, parse, round-trip, RNG-validate.
+"""Golden files for libvirt disk and secret XML: generate, parse, round-trip, RNG-validate.
 
-Cases live in tests/data/xml/: ``build-*-in.json`` (a DiskRequest) and
-``spec-*-in.json`` (DiskSpec fields) against ``*-out.xml``; ``parse-*-in.xml``
-(domain XML from libvirt) against ``*-out.json``. To rewrite the outputs after
-an intended change, run with HOSTAGENT_REGEN_GOLDEN=1 and review the diff.
+Cases live in tests/data/xml/: ``build-*-in.json`` (a DiskRequest),
+``spec-*-in.json`` (DiskSpec fields) and ``secret-*-in.json`` (SecretSpec
+fields) against ``*-out.xml``; ``parse-*-in.xml`` (domain XML from libvirt)
+against ``*-out.json``. To rewrite the outputs after an intended change, run
+with HOSTAGENT_REGEN_GOLDEN=1 and review the diff.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from hostagent.libvirt_xml.disk import (
     parse_domain,
 )
 from hostagent.libvirt_xml.policy import BlockSource, DiskRequest, NetworkSource, build_disk
+from hostagent.libvirt_xml.secret import SecretSpec
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "xml"
 REGENERATE = os.environ.get("HOSTAGENT_REGEN_GOLDEN") == "1"
 DOMAIN_RNG = Path("/usr/share/libvirt/schemas/domain.rng")
-MAPPED_MODELS = (DiskSpec, DriveAddress, SourceHost, ControllerSpec, DomainDevices)
+SECRET_RNG = Path("/usr/share/libvirt/schemas/secret.rng")
+MAPPED_MODELS = (DiskSpec, DriveAddress, SourceHost, ControllerSpec, DomainDevices, SecretSpec)
 
 
 def case_names(prefix: str, suffix: str) -> list[str]:
@@ -43,6 +46,7 @@ def case_names(prefix: str, suffix: str) -> list[str]:
 BUILD_CASES = case_names("build-", "-in.json")
 SPEC_CASES = case_names("spec-", "-in.json")
 PARSE_CASES = case_names("parse-", "-in.xml")
+SECRET_CASES = case_names("secret-", "-in.json")
 DISK_CASES = BUILD_CASES + SPEC_CASES
 
 
@@ -85,6 +89,10 @@ def disk_for_case(case: str) -> DiskSpec:
     return spec_from_json(data)
 
 
+def secret_for_case(case: str) -> SecretSpec:
+    return SecretSpec(**load_json(DATA / f"{case}-in.json"))
+
+
 def domain_for_case(case: str) -> DomainDevices:
     return parse_domain((DATA / f"{case}-in.xml").read_bytes())
 
@@ -119,6 +127,11 @@ def test_disk_xml_matches_golden(case: str) -> None:
     assert_golden(DATA / f"{case}-out.xml", disk_for_case(case).to_xml(), pretty_xml)
 
 
+@pytest.mark.parametrize("case", SECRET_CASES)
+def test_secret_xml_matches_golden(case: str) -> None:
+    assert_golden(DATA / f"{case}-out.xml", secret_for_case(case).to_xml(), pretty_xml)
+
+
 @pytest.mark.parametrize("case", PARSE_CASES)
 def test_parsed_domain_matches_golden(case: str) -> None:
     assert_golden(DATA / f"{case}-out.json", as_json(domain_for_case(case)), pretty_json)
@@ -128,8 +141,11 @@ def test_golden_cases_exist() -> None:
     assert len(BUILD_CASES) >= 4
     assert len(SPEC_CASES) >= 1
     assert len(PARSE_CASES) >= 2
+    assert len(SECRET_CASES) >= 1
     outputs = {p.name for p in DATA.glob("*-out.*")}
-    expected = {f"{c}-out.xml" for c in DISK_CASES} | {f"{c}-out.json" for c in PARSE_CASES}
+    expected = {f"{c}-out.xml" for c in DISK_CASES + SECRET_CASES} | {
+        f"{c}-out.json" for c in PARSE_CASES
+    }
     assert outputs == expected, "every -in file needs exactly one -out file"
 
 
@@ -141,6 +157,13 @@ def test_golden_disk_round_trips(case: str) -> None:
     spec = disk_for_case(case)
     assert DiskSpec.from_element(spec.to_element()) == spec
     assert DiskSpec.from_xml(spec.to_xml()) == spec
+
+
+@pytest.mark.parametrize("case", SECRET_CASES)
+def test_golden_secret_round_trips(case: str) -> None:
+    secret = secret_for_case(case)
+    assert SecretSpec.from_element(secret.to_element()) == secret
+    assert SecretSpec.from_xml(secret.to_xml()) == secret
 
 
 @pytest.mark.parametrize("case", PARSE_CASES)
@@ -187,7 +210,11 @@ def unexercised_fields(instances: Iterable[object]) -> list[str]:
 
 
 def all_golden_instances() -> list[object]:
-    return [disk_for_case(c) for c in DISK_CASES] + [domain_for_case(c) for c in PARSE_CASES]
+    return (
+        [disk_for_case(c) for c in DISK_CASES]
+        + [domain_for_case(c) for c in PARSE_CASES]
+        + [secret_for_case(c) for c in SECRET_CASES]
+    )
 
 
 def test_every_mapped_field_is_exercised_by_goldens() -> None:
@@ -210,6 +237,13 @@ def domain_rng() -> etree.RelaxNG:
     if not DOMAIN_RNG.exists():
         pytest.skip(f"{DOMAIN_RNG} not installed (package libvirt-daemon-common)")
     return etree.RelaxNG(file=str(DOMAIN_RNG))
+
+
+@pytest.fixture(scope="session")
+def secret_rng() -> etree.RelaxNG:
+    if not SECRET_RNG.exists():
+        pytest.skip(f"{SECRET_RNG} not installed (package libvirt-daemon-common)")
+    return etree.RelaxNG(file=str(SECRET_RNG))
 
 
 def minimal_domain(disk: etree._Element) -> etree._Element:
@@ -240,6 +274,19 @@ def test_golden_disk_is_valid_for_libvirt(domain_rng: etree.RelaxNG, case: str) 
 def test_reformatted_parsed_disks_are_valid(domain_rng: etree.RelaxNG, case: str) -> None:
     for disk in domain_for_case(case).disks:
         assert_valid_disk(domain_rng, disk)
+
+
+@pytest.mark.parametrize("case", SECRET_CASES)
+def test_golden_secret_is_valid_for_libvirt(secret_rng: etree.RelaxNG, case: str) -> None:
+    secret = secret_for_case(case).to_element()
+    xml = etree.tostring(secret, pretty_print=True, encoding="unicode")
+    assert secret_rng.validate(secret), f"libvirt RNG rejects:\n{xml}\n{secret_rng.error_log}"
+
+
+def test_secret_rng_check_rejects_what_libvirt_would(secret_rng: etree.RelaxNG) -> None:
+    """The harness can fail: ceph usage needs a name, and private is yes or no."""
+    for bad in (SecretSpec(usage_type="ceph"), SecretSpec(private="true")):
+        assert not secret_rng.validate(bad.to_element())
 
 
 def valid_requests() -> Iterator[DiskRequest]:
