@@ -11,6 +11,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,6 +140,52 @@ def warn_about_unrecorded_disks(store: Store, guests: Guests) -> None:
         )
 
 
+def build_core(
+    *,
+    store: Store,
+    guests: Guests,
+    registry: connectors.ConnectorRegistry,
+    locks: HostLocks,
+    settings: ServiceSettings,
+    metrics: Metrics,
+    tombstone_ttl: float,
+    clock: Callable[[], float] = time.time,
+) -> tuple[AttachmentService, Reconciler]:
+    """The attachment service and the reconciler on one set of parts: the same
+    host connections and guest disks, so both take the same locks. ``clock``
+    ages tombstones."""
+    connections = HostConnections(
+        store=store,
+        guests=guests,
+        registry=registry,
+        locks=locks,
+        boot_id=settings.boot_id,
+        metrics=metrics,
+    )
+    disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=metrics)
+    service = AttachmentService(
+        store=store,
+        guests=guests,
+        registry=registry,
+        locks=locks,
+        settings=settings,
+        metrics=metrics,
+        connections=connections,
+        disks=disks,
+    )
+    reconciler = Reconciler(
+        store=store,
+        guests=guests,
+        locks=locks,
+        connections=connections,
+        disks=disks,
+        boot_id=settings.boot_id,
+        tombstone_ttl=tombstone_ttl,
+        clock=clock,
+    )
+    return service, reconciler
+
+
 def run_reconcile(reconciler: Reconciler, why: str) -> None:
     try:
         report = reconciler.run()
@@ -215,42 +263,21 @@ def run(conf: cfg.ConfigOpts) -> int:
             ),
             secrets=guests,
         )
-        locks = HostLocks(state_dir / "locks")
         metrics = Metrics()
-        # One set of parts, shared by the service (requests) and the reconciler.
-        connections = HostConnections(
+        service, reconciler = build_core(
             store=store,
             guests=guests,
             registry=registry,
-            locks=locks,
-            boot_id=boot_id,
-            metrics=metrics,
-        )
-        disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=metrics)
-        service = AttachmentService(
-            store=store,
-            guests=guests,
-            registry=registry,
-            locks=locks,
+            locks=HostLocks(state_dir / "locks"),
             settings=ServiceSettings(
                 detach_timeout=conf.detach_timeout,
                 detach_retry_interval=conf.libvirt.detach_retry_interval,
                 boot_id=boot_id,
             ),
             metrics=metrics,
-            connections=connections,
-            disks=disks,
-        )
-        metrics.watch(store, lambda: guests.connected)
-        reconciler = Reconciler(
-            store=store,
-            guests=guests,
-            locks=locks,
-            connections=connections,
-            disks=disks,
-            boot_id=boot_id,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
         )
+        metrics.watch(store, lambda: guests.connected)
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
