@@ -42,8 +42,7 @@ from hostagent.api.models import (
     describe_validation_error,
 )
 from hostagent.api.peer_auth import PeerPolicy, peer_auth_middleware
-from hostagent.api.views import connection_list
-from hostagent.attachments.diagnostics import diagnose, libvirt_view
+from hostagent.api.views import ReadViews
 from hostagent.attachments.reconcile import Reconciler
 from hostagent.attachments.service import AttachmentService
 from hostagent.errors import (
@@ -211,6 +210,7 @@ class ApiHandlers:
         executor: ThreadPoolExecutor,
         openapi: dict[str, Any],
         *,
+        views: ReadViews,
         connector_host: str,
         connector_my_ip: str | None,
         connector_multipath: bool = False,
@@ -223,6 +223,7 @@ class ApiHandlers:
         self.connector_rbd_local_attach = connector_rbd_local_attach
         self.service = service
         self.reconciler = reconciler
+        self.views = views
         self.executor = executor
         self.openapi = openapi
 
@@ -285,11 +286,11 @@ class ApiHandlers:
 
     async def get_attachment(self, request: web.Request) -> web.Response:
         attachment_id = self._attachment_id(request)
-        return model_response(await self._run(self.service.get, attachment_id))
+        return model_response(await self._run(self.views.attachment, attachment_id))
 
     async def get_attachment_libvirt(self, request: web.Request) -> web.Response:
         attachment_id = self._attachment_id(request)
-        return model_response(await self._run(libvirt_view, self.service, attachment_id))
+        return model_response(await self._run(self.views.libvirt, attachment_id))
 
     async def connector(self, request: web.Request) -> web.Response:
         properties = await self._run(
@@ -305,14 +306,14 @@ class ApiHandlers:
         return model_response(properties)
 
     async def doctor(self, request: web.Request) -> web.Response:
-        return model_response(await self._run(diagnose, self.service))
+        return model_response(await self._run(self.views.doctor))
 
     async def list_attachments(self, request: web.Request) -> web.Response:
-        attachments = await self._run(self.service.list_attachments)
+        attachments = await self._run(self.views.attachments)
         return model_response(AttachmentList(attachments=attachments))
 
     async def list_connections(self, request: web.Request) -> web.Response:
-        return model_response(await self._run(connection_list, self.service.store))
+        return model_response(await self._run(self.views.connections))
 
     async def health(self, request: web.Request) -> web.Response:
         connected = self.service.guests.connected

@@ -1,11 +1,22 @@
-"""Read-only API views built from the store."""
+"""Read-only API views: an attachment and the connections as the store has
+them, an attachment as libvirt has it, and the doctor's report."""
 
 from __future__ import annotations
 
 import datetime
 
-from hostagent.api.models import Connection, ConnectionList
-from hostagent.state.store import Store
+from hostagent.api.models import (
+    Attachment,
+    Connection,
+    ConnectionList,
+    DoctorReport,
+    LibvirtView,
+)
+from hostagent.attachments.diagnostics import diagnose
+from hostagent.errors import AttachmentNotFound
+from hostagent.guests.domains import Guests
+from hostagent.libvirt_xml.disk import disk_fragment
+from hostagent.state.store import AttachmentRecord, Store
 
 
 def iso_utc(epoch: float | None) -> str | None:
@@ -13,6 +24,27 @@ def iso_utc(epoch: float | None) -> str | None:
         return None
     moment = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def attachment_view(store: Store, record: AttachmentRecord) -> Attachment:
+    """The API body of an attachment (GET, and the PUT's answer)."""
+    connection = store.get_connection(record.connection_key)
+    return Attachment(
+        attachment_id=record.attachment_id,
+        volume_id=record.volume_id,
+        domain_uuid=record.domain_uuid,
+        domain_name=record.domain_name,
+        state=record.state.value,
+        target_dev=record.target_dev,
+        bus=record.bus,
+        mode=record.mode,
+        multiattach=record.multiattach,
+        shareable=record.multiattach,
+        connection_key=record.connection_key,
+        device_path=connection.device_path if connection else None,
+        host_refcount=store.refcount(record.connection_key),
+        disk_xml=record.disk_xml,
+    )
 
 
 def connection_list(store: Store) -> ConnectionList:
@@ -34,3 +66,67 @@ def connection_list(store: Store) -> ConnectionList:
             )
         )
     return ConnectionList(connections=connections)
+
+
+def virsh_commands(domain_name: str, alias: str, persistent: bool) -> list[str]:
+    """The virsh commands that show an attachment's disk next to the agent's view."""
+    xpath = f"//disk[alias/@name='{alias}']"
+    commands = [
+        f"virsh domblklist {domain_name} --details",
+        f'virsh dumpxml {domain_name} --xpath "{xpath}"',
+    ]
+    if persistent:
+        commands.append(f'virsh dumpxml {domain_name} --inactive --xpath "{xpath}"')
+    commands.append(
+        f'virsh qemu-monitor-command {domain_name} --pretty \'{{"execute": "query-block"}}\''
+    )
+    return commands
+
+
+class ReadViews:
+    """The answers of the read-only routes, from the store and libvirt."""
+
+    def __init__(self, *, store: Store, guests: Guests, boot_id: str) -> None:
+        self._store = store
+        self._guests = guests
+        self._boot_id = boot_id
+
+    def attachment(self, attachment_id: str) -> Attachment:
+        record = self._store.get_attachment(attachment_id)
+        if record is None:
+            raise AttachmentNotFound(f"no attachment {attachment_id}")
+        return attachment_view(self._store, record)
+
+    def attachments(self) -> list[Attachment]:
+        return [attachment_view(self._store, r) for r in self._store.list_attachments()]
+
+    def connections(self) -> ConnectionList:
+        return connection_list(self._store)
+
+    def libvirt(self, attachment_id: str) -> LibvirtView:
+        """The attachment's disk as the domain's live XML and config have it."""
+        record = self._store.get_attachment(attachment_id)
+        if record is None:
+            raise AttachmentNotFound(f"no attachment {attachment_id}")
+        guests = self._guests
+        domain = guests.find(record.domain_uuid)
+        live = config = None
+        if domain is not None and domain.active:
+            live = disk_fragment(guests.domain_xml(domain.uuid), record.alias)
+        if domain is not None and domain.persistent:
+            config = disk_fragment(guests.domain_xml(domain.uuid, inactive=True), record.alias)
+        name = domain.name if domain else record.domain_name
+        return LibvirtView(
+            attachment_id=attachment_id,
+            domain_uuid=record.domain_uuid,
+            domain_name=name,
+            domain_exists=domain is not None,
+            active=bool(domain and domain.active),
+            persistent=bool(domain and domain.persistent),
+            live_disk_xml=live,
+            config_disk_xml=config,
+            virsh_commands=virsh_commands(name, record.alias, bool(domain and domain.persistent)),
+        )
+
+    def doctor(self) -> DoctorReport:
+        return diagnose(self._store, self._guests, boot_id=self._boot_id)

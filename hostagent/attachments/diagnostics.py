@@ -1,4 +1,4 @@
-"""Operator views: an attachment as libvirt has it, and the doctor's findings.
+"""The doctor's findings, for ``GET /v1/doctor``.
 
 Read-only: the doctor compares the agent's records, every domain's live XML
 and persistent config, and the host's devices, and says what disagrees and
@@ -10,58 +10,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from hostagent.api.models import DoctorReport, Finding, LibvirtView
-from hostagent.attachments.service import AttachmentService
-from hostagent.errors import AttachmentNotFound
+from hostagent.api.models import DoctorReport, Finding
+from hostagent.guests.disk_presence import presence_in_scan
 from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
-from hostagent.guests.domains import DomainInfo
+from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import DeviceReference, matcher_for, references_in
-from hostagent.libvirt_xml.disk import disk_fragment
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
     ConnectionState,
+    Store,
 )
-
-
-def virsh_commands(domain_name: str, alias: str, persistent: bool) -> list[str]:
-    """The virsh commands that show an attachment's disk next to the agent's view."""
-    xpath = f"//disk[alias/@name='{alias}']"
-    commands = [
-        f"virsh domblklist {domain_name} --details",
-        f'virsh dumpxml {domain_name} --xpath "{xpath}"',
-    ]
-    if persistent:
-        commands.append(f'virsh dumpxml {domain_name} --inactive --xpath "{xpath}"')
-    commands.append(
-        f'virsh qemu-monitor-command {domain_name} --pretty \'{{"execute": "query-block"}}\''
-    )
-    return commands
-
-
-def libvirt_view(service: AttachmentService, attachment_id: str) -> LibvirtView:
-    record = service.store.get_attachment(attachment_id)
-    if record is None:
-        raise AttachmentNotFound(f"no attachment {attachment_id}")
-    domain = service.guests.find(record.domain_uuid)
-    live = config = None
-    if domain is not None and domain.active:
-        live = disk_fragment(service.guests.domain_xml(domain.uuid), record.alias)
-    if domain is not None and domain.persistent:
-        config = disk_fragment(service.guests.domain_xml(domain.uuid, inactive=True), record.alias)
-    name = domain.name if domain else record.domain_name
-    return LibvirtView(
-        attachment_id=attachment_id,
-        domain_uuid=record.domain_uuid,
-        domain_name=name,
-        domain_exists=domain is not None,
-        active=bool(domain and domain.active),
-        persistent=bool(domain and domain.persistent),
-        live_disk_xml=live,
-        config_disk_xml=config,
-        virsh_commands=virsh_commands(name, record.alias, bool(domain and domain.persistent)),
-    )
 
 
 def _attachment_findings(
@@ -88,13 +48,15 @@ def _attachment_findings(
             suggestion="hostagentctl reconcile",
         )
         return
-    held = {
-        dd.where for dd in disks if dd.domain.uuid == domain.uuid and dd.disk.alias == record.alias
-    }
-    expected = ({"live"} if domain.active else set()) | (
-        {"config"} if domain.persistent else set()
+    in_live, in_config = presence_in_scan(disks, domain.uuid, record.alias)
+    missing = sorted(
+        where
+        for where, expected, held in (
+            ("live", domain.active, in_live),
+            ("config", domain.persistent, in_config),
+        )
+        if expected and not held
     )
-    missing = sorted(expected - held)
     if record.state is AttachmentState.ATTACHED and missing:
         yield Finding(
             kind="missing_disk",
@@ -154,11 +116,10 @@ def _connection_findings(
             )
 
 
-def diagnose(service: AttachmentService) -> DoctorReport:
+def diagnose(store: Store, guests: Guests, *, boot_id: str) -> DoctorReport:
     """Every disagreement between the records, libvirt's domains and the host."""
-    store = service.store
-    domains = {d.uuid: d for d in service.guests.list_domains()}
-    disks = scan_domain_disks(service.guests)
+    domains = {d.uuid: d for d in guests.list_domains()}
+    disks = scan_domain_disks(guests)
     records = store.list_attachments()
     connections = store.list_connections()
     findings: list[Finding] = []
@@ -182,7 +143,7 @@ def diagnose(service: AttachmentService) -> DoctorReport:
         findings += _connection_findings(
             connection,
             store.refcount(connection.connection_key),
-            service.settings.boot_id,
+            boot_id,
             references_in(disks, matcher) if (matcher := matcher_for(connection)) else [],
             ours,
         )

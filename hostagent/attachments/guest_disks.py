@@ -11,12 +11,12 @@ from hostagent.api.models import AttachRequest
 from hostagent.attachments.render import disk_source
 from hostagent.connectors import HostDevice, Target
 from hostagent.errors import LibvirtError, TargetDevInUse
+from hostagent.guests.disk_presence import DiskPresence, Presence, presence_in_views
 from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import (
     ControllerSpec,
     DomainDevices,
     DriveAddress,
-    parse_disk_refs,
     parse_domain,
 )
 from hostagent.libvirt_xml.placement import first_free_drive_address, first_free_target_dev
@@ -67,10 +67,8 @@ class _DomainView:
     def views(self) -> list[DomainDevices]:
         return [v for v in (self.live, self.config) if v is not None]
 
-    def presence(self, alias: str) -> tuple[bool, bool]:
-        in_live = self.live is not None and self.live.disk_by_alias(alias) is not None
-        in_config = self.config is not None and self.config.disk_by_alias(alias) is not None
-        return in_live, in_config
+    def presence(self, alias: str) -> Presence:
+        return presence_in_views(self.live, self.config, alias)
 
     def target_devs(self) -> set[str]:
         return {d.target_dev for v in self.views() for d in v.disks if d.target_dev}
@@ -106,16 +104,7 @@ class GuestDisks:
         self.store = store
         self.locks = locks
         self.metrics = metrics
-
-    def alias_presence(self, domain: DomainInfo, alias: str) -> tuple[bool, bool]:
-        """Whether the disk ``alias`` is in the live XML / the persistent config."""
-        in_live = domain.active and parse_disk_refs(self.guests.domain_xml(domain.uuid)).has_alias(
-            alias
-        )
-        in_config = domain.persistent and parse_disk_refs(
-            self.guests.domain_xml(domain.uuid, inactive=True)
-        ).has_alias(alias)
-        return in_live, in_config
+        self._presence = DiskPresence(guests)
 
     def attach(
         self,
@@ -151,6 +140,21 @@ class GuestDisks:
                 )
             failpoints.hit("attach.after_libvirt")
             return self.store.get_attachment(record.attachment_id) or record
+
+    def finish_interrupted(self, record: AttachmentRecord, domain: DomainInfo) -> None:
+        """Reconcile: an attach died after libvirt took the disk (maybe only live
+        or only config): give the rest of the domain the same disk."""
+        assert record.disk_xml is not None
+        with self.locks.domain(domain.uuid):
+            in_live, in_config = self._presence.of(domain, record.alias)
+            need_live, need_config = (
+                domain.active and not in_live,
+                domain.persistent and not in_config,
+            )
+            if need_live or need_config:
+                self.guests.attach_device(
+                    domain.uuid, record.disk_xml, live=need_live, config=need_config
+                )
 
     def _place_and_attach(
         self,

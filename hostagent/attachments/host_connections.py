@@ -5,14 +5,15 @@ a connection that is up, and releasing one of several users, are single
 store transactions and take no lock; connect and disconnect run under the
 connection's lock. Every release re-counts users in the transaction that
 marks the connection ``disconnecting``, and an attach intent is refused
-while that mark stands, so a disconnect never races an attach. Nothing is
-disconnected while a domain (live XML or persistent config) names the device
-or a process holds it open.
+while that mark stands, so a disconnect never races an attach. Every
+disconnect first asks ``hostagent.host.device_users`` who still uses the
+device, and keeps the connection if anyone does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -52,6 +53,11 @@ def detach_body(record: AttachmentRecord, users_left: int, *, released: bool) ->
         host_disconnected=released,
         terminate_connection=released,
     ).model_dump()
+
+
+def _kept_for(record: AttachmentRecord) -> Callable[[int], dict[str, object]]:
+    """The answer of a detach that leaves the connection to ``users_left`` others."""
+    return functools.partial(detach_body, record, released=False)
 
 
 def _why(exc: Exception) -> str:
@@ -273,24 +279,19 @@ class HostConnections:
         detach would have.
         """
         key = record.connection_key
-
-        def shared(users_left: int) -> dict[str, object]:
-            return detach_body(record, users_left, released=False)
-
-        body = self.store.release_if_shared(record, shared)
+        body = self.store.release_if_shared(record, _kept_for(record))
         if body is None:
             with self.exclusive(key):
                 connection = self.store.get_connection(key)
                 if connection is not None and not connection.from_earlier_boot(self.boot_id):
                     # Connected again in this boot since reconcile listed it (an
                     # attach did): a real last release, guarded, with its disconnect.
-                    body = self._release_last(record, shared)
+                    body = self._release_last(record)
                 elif self.store.mark_disconnecting(key, excluding=record.attachment_id):
                     body = detach_body(record, 0, released=True)
                     self.store.finish_detach(record, body, drop_connection=True)
                 else:  # an attach joined it meanwhile
-                    body = shared(self.store.refcount(key) - 1)
-                    self.store.finish_detach(record, body, drop_connection=False)
+                    body = self._keep(record)
         return DetachResult.model_validate(body)
 
     def disconnect_unused(self, connection: ConnectionRecord) -> bool:
@@ -315,14 +316,10 @@ class HostConnections:
         when os-brick cannot release the connection.
         """
         key = record.connection_key
-
-        def shared(users_left: int) -> dict[str, object]:
-            return detach_body(record, users_left, released=False)
-
-        body = self.store.release_if_shared(record, shared)
+        body = self.store.release_if_shared(record, _kept_for(record))
         if body is None:
             with self.exclusive(key):
-                body = self._release_last(record, shared)
+                body = self._release_last(record)
         result = DetachResult.model_validate(body)
         LOG.info(
             "attachment %s: volume %s detached from %s; %s refcount %d%s",
@@ -335,9 +332,7 @@ class HostConnections:
         )
         return result
 
-    def _release_last(
-        self, record: AttachmentRecord, shared: Callable[[int], dict[str, object]]
-    ) -> Mapping[str, object]:
+    def _release_last(self, record: AttachmentRecord) -> Mapping[str, object]:
         """The caller holds the connection lock and was the last user a moment ago."""
         key = record.connection_key
         connection = self.store.get_connection(key)
@@ -346,9 +341,7 @@ class HostConnections:
             key, excluding=record.attachment_id
         ):
             # Kept for a domain that still uses the device, or attached again meanwhile.
-            body = shared(self.store.refcount(key) - 1)
-            self.store.finish_detach(record, body, drop_connection=False)
-            return body
+            return self._keep(record)
         failpoints.hit("detach.after_mark_disconnecting")
         self._disconnect(connection)
         failpoints.hit("detach.after_disconnect")
@@ -356,12 +349,14 @@ class HostConnections:
         self.store.finish_detach(record, body, drop_connection=True)
         return body
 
-    def device_users(self, connection: ConnectionRecord) -> list[str]:
-        """Who still uses the connection's device (``hostagent.host.device_users``)."""
-        return device_users(self.guests, connection)
+    def _keep(self, record: AttachmentRecord) -> Mapping[str, object]:
+        """Drop the attachment but keep the connection; the caller holds its lock."""
+        body = detach_body(record, self.store.refcount(record.connection_key) - 1, released=False)
+        self.store.finish_detach(record, body, drop_connection=False)
+        return body
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
-        users = self.device_users(connection)
+        users = device_users(self.guests, connection)
         if users:
             LOG.warning(
                 "attachment %s: %s is still used by %s; keeping the host connection",

@@ -15,15 +15,15 @@ import os
 import time
 from dataclasses import dataclass
 
-from hostagent.attachments.service import AttachmentService
 from hostagent.guests.domain_scan import scan_domain_xml
-from hostagent.guests.domains import DomainInfo
+from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
     ConnectionState,
+    Store,
 )
 
 ALIAS_PREFIX = "ua-"
@@ -43,10 +43,10 @@ class FoundDisk:
         return self.disk.alias[len(ALIAS_PREFIX) :]
 
 
-def agent_disks(service: AttachmentService) -> list[FoundDisk]:
+def agent_disks(guests: Guests) -> list[FoundDisk]:
     """Every disk with a ``ua-`` alias in any domain (config first, then live)."""
     found: dict[tuple[str, str], FoundDisk] = {}
-    views = scan_domain_xml(service.guests)
+    views = scan_domain_xml(guests)
     for view in sorted(views, key=lambda v: v.where != "config"):  # stable: config first
         for disk in parse_domain(view.xml).disks:
             if disk.alias and disk.alias.startswith(ALIAS_PREFIX):
@@ -54,16 +54,12 @@ def agent_disks(service: AttachmentService) -> list[FoundDisk]:
     return list(found.values())
 
 
-def unrecorded_disks(service: AttachmentService) -> list[FoundDisk]:
+def unrecorded_disks(store: Store, guests: Guests) -> list[FoundDisk]:
     """``ua-`` disks with no attachment record."""
-    return [
-        f for f in agent_disks(service) if service.store.get_attachment(f.attachment_id) is None
-    ]
+    return [f for f in agent_disks(guests) if store.get_attachment(f.attachment_id) is None]
 
 
-def _records(
-    service: AttachmentService, found: FoundDisk
-) -> tuple[AttachmentRecord, ConnectionRecord]:
+def _records(found: FoundDisk, boot_id: str) -> tuple[AttachmentRecord, ConnectionRecord]:
     disk = found.disk
     assert disk.source_dev is not None
     device = os.path.realpath(disk.source_dev)
@@ -75,7 +71,7 @@ def _records(
         connection_data={"device_path": device},
         disk_format=disk.driver_type or "raw",
         state=ConnectionState.CONNECTED,
-        boot_id=service.settings.boot_id,
+        boot_id=boot_id,
         created_at=now,
         device_path=device,
         device_info={"type": "local", "path": device},
@@ -102,11 +98,11 @@ def _records(
     return attachment, connection
 
 
-def rebuild_state(service: AttachmentService) -> list[str]:
+def rebuild_state(store: Store, guests: Guests, *, boot_id: str) -> list[str]:
     """Record every unrecorded ``ua-`` block disk; returns one line per disk."""
     lines = []
     rebuilt = 0
-    for found in unrecorded_disks(service):
+    for found in unrecorded_disks(store, guests):
         where = f"{found.disk.alias} on {found.domain.name}"
         if found.disk.disk_type != "block" or not found.disk.source_dev:
             lines.append(
@@ -120,8 +116,8 @@ def rebuild_state(service: AttachmentService) -> list[str]:
                 "makes scsi and virtio disks, so it is not one of its own"
             )
             continue
-        attachment, connection = _records(service, found)
-        if service.store.adopt(attachment, connection):
+        attachment, connection = _records(found, boot_id)
+        if store.adopt(attachment, connection):
             rebuilt += 1
             lines.append(f"rebuilt: {where} -> {connection.connection_key}")
         else:

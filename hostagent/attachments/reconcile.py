@@ -17,47 +17,66 @@ import time
 from collections.abc import Callable
 
 from hostagent.api.models import ReconcileAction, ReconcileReport
-from hostagent.attachments.service import AttachmentService
+from hostagent.attachments.guest_disks import GuestDisks
+from hostagent.attachments.host_connections import HostConnections
 from hostagent.errors import HostagentError
+from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domain_scan import scan_domain_disks
-from hostagent.host.device_users import matcher_for, references_in
+from hostagent.guests.domains import Guests
+from hostagent.host.device_users import device_users, matcher_for, references_in
+from hostagent.locks import HostLocks
 from hostagent.observability import logctx
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
     ConnectionState,
+    Store,
 )
 
 LOG = logging.getLogger(__name__)
 
 
 class Reconciler:
-    """One pass over attachments, then connections, then foreign disks."""
+    """One pass over attachments, then connections, then foreign disks.
+
+    ``connections`` and ``disks`` are the attachment service's own (built on
+    the same store, guests and locks), so both take the same locks.
+    """
 
     def __init__(
         self,
-        service: AttachmentService,
         *,
+        store: Store,
+        guests: Guests,
+        locks: HostLocks,
+        connections: HostConnections,
+        disks: GuestDisks,
+        boot_id: str,
         tombstone_ttl: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.service = service
+        self._store = store
+        self._guests = guests
+        self._locks = locks
+        self._connections = connections
+        self._disks = disks
+        self._presence = DiskPresence(guests)
+        self._boot_id = boot_id
         self.tombstone_ttl = tombstone_ttl
         self._clock = clock
 
     def run(self) -> ReconcileReport:
         actions: list[ReconcileAction] = []
-        boot_id = self.service.settings.boot_id
-        for connection in self.service.store.list_connections():
-            if connection.from_earlier_boot(boot_id):
+        for connection in self._store.list_connections():
+            if connection.from_earlier_boot(self._boot_id):
                 actions += self._after_reboot(connection)
-        for record in self.service.store.list_attachments():
+        for record in self._store.list_attachments():
             actions += self.attachment(record.attachment_id)
-        for connection in self.service.store.list_connections():
+        for connection in self._store.list_connections():
             actions += self._connection(connection.connection_key)
         actions += self._foreign_disks()
-        purged = self.service.store.purge_tombstones(self._clock() - self.tombstone_ttl)
+        purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
         if purged:
             actions.append(
                 ReconcileAction(
@@ -74,19 +93,18 @@ class Reconciler:
 
     def attachment(self, attachment_id: str) -> list[ReconcileAction]:
         """Finish, roll back or release one attachment against its domain now."""
-        service = self.service
         with (
             logctx.request_context(attachment_id=attachment_id),
-            service.locks.attachment(attachment_id),
+            self._locks.attachment(attachment_id),
         ):
-            record = service.store.get_attachment(attachment_id)
+            record = self._store.get_attachment(attachment_id)
             if record is None:
                 return []
             logctx.note(volume_id=record.volume_id)
-            domain = service.guests.find(record.domain_uuid)
+            domain = self._guests.find(record.domain_uuid)
             try:
                 if domain is None:
-                    result = service.connections.release(record)
+                    result = self._connections.release(record)
                     return [
                         _act(
                             "released",
@@ -95,13 +113,17 @@ class Reconciler:
                             f"exists; terminate_connection={result.terminate_connection}",
                         )
                     ]
-                in_live, in_config = service.disk_presence(record, domain)
+                in_live, in_config = self._presence.of(domain, record.alias)
                 present = in_live or in_config
                 if record.state is AttachmentState.ATTACHING:
                     if present and record.disk_xml:
-                        service.finish_interrupted_attach(record, domain)
+                        self._disks.finish_interrupted(record, domain)
+                        self._store.set_attachment_state(
+                            record.attachment_id, AttachmentState.ATTACHED
+                        )
                         return [_act("finished_attach", record, f"disk is on {domain.name}")]
-                    service.roll_back_interrupted_attach(record)
+                    # The attach died before its disk reached the domain.
+                    self._connections.forget(record, may_disconnect=True)
                     return [_act("rolled_back", record, "interrupted attach left no disk")]
                 if record.state is AttachmentState.DETACHING:
                     if present:
@@ -112,7 +134,7 @@ class Reconciler:
                                 f"{domain.name} still holds {record.alias}",
                             )
                         ]
-                    result = service.connections.release(record)
+                    result = self._connections.release(record)
                     return [
                         _act(
                             "finished_detach",
@@ -138,18 +160,17 @@ class Reconciler:
         for every guest that can still start with the disk (a persistent domain
         whose config holds it, or a domain already running with it); release
         every other attachment."""
-        service = self.service
         key = connection.connection_key
         actions = []
-        for record in service.store.list_attachments(connection_key=key):
-            with service.locks.attachment(record.attachment_id):
-                current = service.store.get_attachment(record.attachment_id)
+        for record in self._store.list_attachments(connection_key=key):
+            with self._locks.attachment(record.attachment_id):
+                current = self._store.get_attachment(record.attachment_id)
                 if current is None:
                     continue
-                domain = service.guests.find(current.domain_uuid)
-                if domain is not None and any(service.disk_presence(current, domain)):
+                domain = self._guests.find(current.domain_uuid)
+                if domain is not None and any(self._presence.of(domain, current.alias)):
                     continue
-                result = service.connections.release_after_reboot(current)
+                result = self._connections.release_after_reboot(current)
                 actions.append(
                     _act(
                         "released_after_reboot",
@@ -158,18 +179,18 @@ class Reconciler:
                         f"terminate_connection={str(result.terminate_connection).lower()}",
                     )
                 )
-        with service.connections.exclusive(key):
-            current_connection = service.store.get_connection(key)
+        with self._connections.exclusive(key):
+            current_connection = self._store.get_connection(key)
             if (
                 current_connection is None
-                or service.store.refcount(key) == 0
-                or not current_connection.from_earlier_boot(service.connections.boot_id)
+                or self._store.refcount(key) == 0
+                or not current_connection.from_earlier_boot(self._boot_id)
             ):
                 # gone, unused (the connection pass releases it), or connected
                 # again meanwhile by an attach (join): nothing left to do here.
                 return actions
             try:
-                service.connections.reconnect(current_connection)
+                self._connections.reconnect(current_connection)
             except HostagentError as exc:
                 return [
                     *actions,
@@ -183,32 +204,31 @@ class Reconciler:
             ReconcileAction(
                 action="reconnected_after_reboot",
                 subject=key,
-                detail=f"connected again for {service.store.refcount(key)} attachments whose "
+                detail=f"connected again for {self._store.refcount(key)} attachments whose "
                 "guests still hold the disk",
             )
         )
         return actions
 
     def _connection(self, connection_key: str) -> list[ReconcileAction]:
-        service = self.service
-        with service.connections.exclusive(connection_key):
-            connection = service.store.get_connection(connection_key)
+        with self._connections.exclusive(connection_key):
+            connection = self._store.get_connection(connection_key)
             if connection is None:
                 return []
-            users = service.store.refcount(connection_key)
+            users = self._store.refcount(connection_key)
             try:
                 if users == 0:
                     return self._unused_connection(connection)
                 if connection.state is ConnectionState.DISCONNECTING and all(
                     record.state is AttachmentState.DETACHING
-                    for record in service.store.list_attachments(connection_key=connection_key)
+                    for record in self._store.list_attachments(connection_key=connection_key)
                 ):
                     # A last detach whose disconnect failed: the DELETE's retry (or
                     # the attachment pass) finishes the release; logging in again
                     # now would only undo what it already did.
                     return []
                 if connection.state is not ConnectionState.CONNECTED:
-                    service.connections.reconnect(connection)
+                    self._connections.reconnect(connection)
                     return [
                         ReconcileAction(
                             action="reconnected",
@@ -223,7 +243,7 @@ class Reconciler:
                         detail=f"{connection.device_path} is gone while {users} attachments "
                         "use it; connecting again",
                     )
-                    service.connections.reconnect(connection)
+                    self._connections.reconnect(connection)
                     return [
                         missing,
                         ReconcileAction(
@@ -240,7 +260,7 @@ class Reconciler:
 
     def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
         key = connection.connection_key
-        users = self.service.connections.device_users(connection)
+        users = device_users(self._guests, connection)
         if users:
             return [
                 ReconcileAction(
@@ -249,7 +269,7 @@ class Reconciler:
                     detail="no attachments, but used by " + "; ".join(users),
                 )
             ]
-        if not self.service.connections.disconnect_unused(connection):
+        if not self._connections.disconnect_unused(connection):
             return []  # attached again meanwhile: in use, nothing to do
         return [
             ReconcileAction(
@@ -260,12 +280,12 @@ class Reconciler:
         ]
 
     def _foreign_disks(self) -> list[ReconcileAction]:
-        store = self.service.store
+        store = self._store
         connections = [(c, m) for c in store.list_connections() if (m := matcher_for(c))]
         if not connections:
             return []
         ours = {(a.domain_uuid, a.alias) for a in store.list_attachments()}
-        disks = scan_domain_disks(self.service.guests)
+        disks = scan_domain_disks(self._guests)
         found = []
         for connection, matcher in connections:
             for ref in references_in(disks, matcher):
@@ -281,6 +301,17 @@ class Reconciler:
                     )
                 )
         return found
+
+    def domain_gone(self, domain_uuid: str) -> list[ReconcileAction]:
+        """Release the attachments of a domain libvirt no longer has (none if it
+        is there, a persistent domain that only stopped)."""
+        records = self._store.list_attachments(domain_uuid=domain_uuid)
+        if not records or self._guests.find(domain_uuid) is not None:
+            return []
+        actions = []
+        for record in records:
+            actions += self.attachment(record.attachment_id)
+        return actions
 
 
 def _act(action: str, record: AttachmentRecord, detail: str) -> ReconcileAction:
@@ -327,13 +358,7 @@ class VanishedDomains:
                 LOG.exception("domain %s: release after it vanished failed", domain_uuid)
 
     def release_if_gone(self, domain_uuid: str) -> list[ReconcileAction]:
-        service = self._reconciler.service
-        records = service.store.list_attachments(domain_uuid=domain_uuid)
-        if not records or service.guests.find(domain_uuid) is not None:
-            return []  # nothing of ours, or a persistent domain that only stopped
-        actions = []
-        for record in records:
-            actions += self._reconciler.attachment(record.attachment_id)
+        actions = self._reconciler.domain_gone(domain_uuid)
         for action in actions:
             LOG.info(
                 "domain %s gone: %s %s: %s",

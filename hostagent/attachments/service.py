@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from hostagent import connectors, failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult
+from hostagent.api.views import attachment_view
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
 from hostagent.attachments.host_connections import HostConnections
 from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
@@ -31,8 +32,8 @@ from hostagent.errors import (
     InvalidRequest,
     LibvirtError,
 )
+from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domains import DomainInfo, Guests
-from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import DiskPolicyError, user_alias
 from hostagent.locks import HostLocks
 from hostagent.observability import logctx
@@ -76,7 +77,11 @@ class AttachmentService:
         settings: ServiceSettings,
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        connections: HostConnections | None = None,
+        disks: GuestDisks | None = None,
     ) -> None:
+        """``connections`` and ``disks``, when the daemon shares them with the
+        reconciler, must be built on the same store, guests and locks."""
         self.store = store
         self.guests = guests
         self.registry = registry
@@ -84,8 +89,11 @@ class AttachmentService:
         self.settings = settings
         self._monotonic = monotonic
         self.metrics = metrics or Metrics()
-        self._disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=self.metrics)
-        self.connections = HostConnections(
+        self.presence = DiskPresence(guests)
+        self.disks = disks or GuestDisks(
+            guests=guests, store=store, locks=locks, metrics=self.metrics
+        )
+        self.connections = connections or HostConnections(
             store=store,
             guests=guests,
             registry=registry,
@@ -93,36 +101,6 @@ class AttachmentService:
             boot_id=settings.boot_id,
             metrics=self.metrics,
         )
-
-    # views
-
-    def view(self, record: AttachmentRecord) -> Attachment:
-        connection = self.store.get_connection(record.connection_key)
-        return Attachment(
-            attachment_id=record.attachment_id,
-            volume_id=record.volume_id,
-            domain_uuid=record.domain_uuid,
-            domain_name=record.domain_name,
-            state=record.state.value,
-            target_dev=record.target_dev,
-            bus=record.bus,
-            mode=record.mode,
-            multiattach=record.multiattach,
-            shareable=record.multiattach,
-            connection_key=record.connection_key,
-            device_path=connection.device_path if connection else None,
-            host_refcount=self.store.refcount(record.connection_key),
-            disk_xml=record.disk_xml,
-        )
-
-    def get(self, attachment_id: str) -> Attachment:
-        record = self.store.get_attachment(attachment_id)
-        if record is None:
-            raise AttachmentNotFound(f"no attachment {attachment_id}")
-        return self.view(record)
-
-    def list_attachments(self) -> list[Attachment]:
-        return [self.view(r) for r in self.store.list_attachments()]
 
     # attach
 
@@ -160,7 +138,7 @@ class AttachmentService:
                 if existing.state is AttachmentState.DETACHING:
                     raise AttachmentConflict(f"attachment {attachment_id} is being detached")
                 if existing.state is AttachmentState.ATTACHED:
-                    return self.view(existing), False
+                    return attachment_view(self.store, existing), False
                 LOG.info("attachment %s: resuming an interrupted attach", attachment_id)
                 record = existing
             else:
@@ -174,7 +152,7 @@ class AttachmentService:
                 record, connector, target, new=existing is None
             )
             try:
-                record = self._disks.attach(record, request, target, self._device(record), domain)
+                record = self.disks.attach(record, request, target, self._device(record), domain)
             except HostagentError as exc:
                 LOG.warning(
                     "attachment %s: attach to %s failed: %s; rolling back",
@@ -196,7 +174,7 @@ class AttachmentService:
             )
             attached = self.store.get_attachment(attachment_id)
             assert attached is not None
-            return self.view(attached), True
+            return attachment_view(self.store, attached), True
 
     def _new_record(
         self,
@@ -262,30 +240,6 @@ class AttachmentService:
                 exc.message,
             )
 
-    def roll_back_interrupted_attach(self, record: AttachmentRecord) -> None:
-        """Reconcile: an attach that died before its disk reached the domain."""
-        self.connections.forget(record, may_disconnect=True)
-
-    def finish_interrupted_attach(self, record: AttachmentRecord, domain: DomainInfo) -> None:
-        """Reconcile: an attach that died after libvirt took the disk (maybe only
-        live or only config): complete what is missing and record it attached."""
-        assert record.disk_xml is not None
-        with self.locks.domain(domain.uuid):
-            in_live, in_config = self._disks.alias_presence(domain, record.alias)
-            need_live, need_config = (
-                domain.active and not in_live,
-                domain.persistent and not in_config,
-            )
-            if need_live or need_config:
-                self.guests.attach_device(
-                    domain.uuid, record.disk_xml, live=need_live, config=need_config
-                )
-        self.store.set_attachment_state(record.attachment_id, AttachmentState.ATTACHED)
-
-    def disk_presence(self, record: AttachmentRecord, domain: DomainInfo) -> tuple[bool, bool]:
-        """Whether the record's disk is in the domain's live XML / persistent config."""
-        return self._disks.alias_presence(domain, record.alias)
-
     def detach(self, attachment_id: str) -> DetachResult:
         with self.locks.attachment(attachment_id):
             record = self.store.get_attachment(attachment_id)
@@ -309,13 +263,6 @@ class AttachmentService:
                 self._remove_from_domain(record, timeout=self.settings.detach_timeout)
             failpoints.hit("detach.after_removal")
             return self.connections.release(record)
-
-    def _disk_presence(self, record: AttachmentRecord) -> tuple[bool, bool] | None:
-        """(in live XML, in config) for the record's alias; None if the domain is gone."""
-        domain = self.guests.find(record.domain_uuid)
-        if domain is None:
-            return None
-        return self.disk_presence(record, domain)
 
     def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> None:
         """Detach the disk by alias and wait until libvirt confirms it is gone.
@@ -354,7 +301,7 @@ class AttachmentService:
                 except DomainNotFound:
                     return
                 except LibvirtError as exc:
-                    actual = self._disk_presence(record)
+                    actual = self.presence.find(record.domain_uuid, record.alias)
                     if actual is None or actual != presence:
                         presence = actual or (False, False)
                         continue  # we asked for the wrong places: ask again right
@@ -376,8 +323,4 @@ class AttachmentService:
             presence = (self._in_live_xml(record), False)
 
     def _in_live_xml(self, record: AttachmentRecord) -> bool:
-        try:
-            xml = self.guests.domain_xml(record.domain_uuid)
-        except DomainNotFound:
-            return False
-        return parse_disk_refs(xml).has_alias(record.alias)
+        return self.presence.in_live_xml(record.domain_uuid, record.alias)

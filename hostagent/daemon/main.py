@@ -11,6 +11,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from hostagent.api.http_server import ApiRunner, ConnectionLimits
 from hostagent.api.openapi import build_openapi
 from hostagent.api.peer_auth import PeerPolicy
 from hostagent.api.server import ApiHandlers, make_app
+from hostagent.api.views import ReadViews
+from hostagent.attachments.guest_disks import GuestDisks
+from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.rebuild import rebuild_state, unrecorded_disks
 from hostagent.attachments.reconcile import Reconciler, VanishedDomains
 from hostagent.attachments.service import AttachmentService, ServiceSettings
@@ -34,6 +39,7 @@ from hostagent.errors import HostagentError
 from hostagent.guests.domains import Guests
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
 from hostagent.observability.logctx import install_filters
+from hostagent.observability.metrics import Metrics
 from hostagent.state.store import Store, StoreError
 
 LOG = logging.getLogger("hostagent")
@@ -100,27 +106,27 @@ class PeriodicReconcile:
                 run_reconcile(self._reconciler, "periodic")
 
 
-def rebuild(service: AttachmentService) -> int:
+def rebuild(store: Store, guests: Guests, *, boot_id: str) -> int:
     """``--rebuild-state``: record the ua- disks libvirt holds, print what was done."""
-    service.guests.start()
+    guests.start()
     try:
-        if not service.guests.connected:
-            LOG.error("cannot rebuild state: libvirt %s is unreachable", service.guests.uri)
+        if not guests.connected:
+            LOG.error("cannot rebuild state: libvirt %s is unreachable", guests.uri)
             return 1
-        for line in rebuild_state(service):
+        for line in rebuild_state(store, guests, boot_id=boot_id):
             print(line)
             LOG.info("rebuild-state: %s", line)
     finally:
-        service.guests.stop()
-        service.store.close()
+        guests.stop()
+        store.close()
     return 0
 
 
-def warn_about_unrecorded_disks(service: AttachmentService) -> None:
+def warn_about_unrecorded_disks(store: Store, guests: Guests) -> None:
     """A first start is normal, unless guests already hold disks this agent made.
     Only a warning: if libvirt cannot be read now, serving still starts."""
     try:
-        found = unrecorded_disks(service)
+        found = unrecorded_disks(store, guests)
     except HostagentError as exc:
         LOG.warning("could not look for disks made by an earlier hostagent: %s", exc.message)
         return
@@ -129,10 +135,56 @@ def warn_about_unrecorded_disks(service: AttachmentService) -> None:
             "there was no state file at %s, but guests hold %d disks made by hostagent (%s). "
             "They are not recorded, so this agent will not detach or disconnect them. If "
             "the state was lost: stop hostagentd and run 'hostagentd --rebuild-state'.",
-            service.store.path,
+            store.path,
             len(found),
             ", ".join(f"{f.disk.alias} on {f.domain.name}" for f in found[:10]),
         )
+
+
+def build_core(
+    *,
+    store: Store,
+    guests: Guests,
+    registry: connectors.ConnectorRegistry,
+    locks: HostLocks,
+    settings: ServiceSettings,
+    metrics: Metrics,
+    tombstone_ttl: float,
+    clock: Callable[[], float] = time.time,
+) -> tuple[AttachmentService, Reconciler]:
+    """The attachment service and the reconciler on one set of parts: the same
+    host connections and guest disks, so both take the same locks. ``clock``
+    ages tombstones."""
+    connections = HostConnections(
+        store=store,
+        guests=guests,
+        registry=registry,
+        locks=locks,
+        boot_id=settings.boot_id,
+        metrics=metrics,
+    )
+    disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=metrics)
+    service = AttachmentService(
+        store=store,
+        guests=guests,
+        registry=registry,
+        locks=locks,
+        settings=settings,
+        metrics=metrics,
+        connections=connections,
+        disks=disks,
+    )
+    reconciler = Reconciler(
+        store=store,
+        guests=guests,
+        locks=locks,
+        connections=connections,
+        disks=disks,
+        boot_id=settings.boot_id,
+        tombstone_ttl=tombstone_ttl,
+        clock=clock,
+    )
+    return service, reconciler
 
 
 def run_reconcile(reconciler: Reconciler, why: str) -> None:
@@ -204,33 +256,37 @@ def run(conf: cfg.ConfigOpts) -> int:
         state_is_new = not (state_dir / STATE_FILE).exists()
         store = Store(state_dir / STATE_FILE)
         guests = Guests(conf.libvirt_uri, connections=conf.libvirt.connections)
-        service = AttachmentService(
+        boot_id = read_boot_id(conf.boot_id_path)
+        if conf.rebuild_state:
+            return rebuild(store, guests, boot_id=boot_id)
+        registry = connectors.ConnectorRegistry.default(
+            connectors.ConnectorSettings(
+                iscsi_use_multipath=conf.iscsi.use_multipath,
+                rbd_attach_mode=conf.rbd.attach_mode,
+            ),
+            secrets=guests,
+        )
+        metrics = Metrics()
+        service, reconciler = build_core(
             store=store,
             guests=guests,
-            registry=connectors.ConnectorRegistry.default(
-                connectors.ConnectorSettings(
-                    iscsi_use_multipath=conf.iscsi.use_multipath,
-                    rbd_attach_mode=conf.rbd.attach_mode,
-                ),
-                secrets=guests,
-            ),
+            registry=registry,
             locks=HostLocks(state_dir / "locks"),
             settings=ServiceSettings(
                 detach_timeout=conf.detach_timeout,
                 detach_retry_interval=conf.libvirt.detach_retry_interval,
-                boot_id=read_boot_id(conf.boot_id_path),
+                boot_id=boot_id,
             ),
+            metrics=metrics,
+            tombstone_ttl=conf.reconcile.tombstone_ttl,
         )
-        if conf.rebuild_state:
-            return rebuild(service)
-        service.metrics.watch(store, lambda: guests.connected)
-        reconciler = Reconciler(service, tombstone_ttl=conf.reconcile.tombstone_ttl)
+        metrics.watch(store, lambda: guests.connected)
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
         guests.start()  # connects (and reconciles) now if libvirtd answers
         if state_is_new and guests.connected:
-            warn_about_unrecorded_disks(service)
+            warn_about_unrecorded_disks(store, guests)
         executor = ThreadPoolExecutor(conf.api.workers, thread_name_prefix="api")
         periodic = PeriodicReconcile(reconciler, guests, conf.reconcile.interval)
         policy = PeerPolicy.of(conf.api.allowed_uids, conf.api.allowed_gids)
@@ -239,6 +295,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             reconciler,
             executor,
             build_openapi(),
+            views=ReadViews(store=store, guests=guests, boot_id=boot_id),
             connector_host=conf.connector.host,
             connector_my_ip=conf.connector.my_ip,
             connector_multipath=conf.iscsi.use_multipath,

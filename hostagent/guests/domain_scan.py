@@ -1,10 +1,9 @@
-"""Reads of every domain's live XML and persistent config, for the checks
-that must see every disk on the host (the guard before a disconnect,
-reconcile, rebuild, doctor)."""
+"""Reads of every domain's live XML and persistent config, for what must see
+every disk on the host (``host.device_users``, reconcile, rebuild, doctor)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,9 +48,9 @@ def _xml_of(guests: Guests, domain: DomainInfo) -> list[DomainXml]:
 _FETCHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="domain-scan")
 
 
-def scan_domain_xml(guests: Guests) -> list[DomainXml]:
+def scan_domain_xml(guests: Guests, *, fetchers: Executor = _FETCHERS) -> list[DomainXml]:
     """The live XML and persistent config of every domain, skipping domains
-    undefined since the listing.
+    undefined since the listing; ``fetchers`` reads several domains at once.
 
     Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
     taken as "unused".
@@ -59,14 +58,14 @@ def scan_domain_xml(guests: Guests) -> list[DomainXml]:
     domains = guests.list_domains()
     if len(domains) <= 1:
         return [view for domain in domains for view in _xml_of(guests, domain)]
-    per_domain = _FETCHERS.map(lambda domain: _xml_of(guests, domain), domains)
+    per_domain = fetchers.map(lambda domain: _xml_of(guests, domain), domains)
     return [view for views in per_domain for view in views]
 
 
-def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
+def scan_domain_disks(guests: Guests, *, fetchers: Executor = _FETCHERS) -> list[DomainDisk]:
     """Every disk of every domain, live and config (see ``scan_domain_xml``)."""
     return [
         DomainDisk(view.domain, view.where, disk)
-        for view in scan_domain_xml(guests)
+        for view in scan_domain_xml(guests, fetchers=fetchers)
         for disk in parse_disk_refs(view.xml).disks
     ]

@@ -268,12 +268,6 @@ class Guests:
             domain_uuid, "attach device to", lambda dom: dom.attachDeviceFlags(xml, flags)
         )
 
-    def detach_device(self, domain_uuid: str, xml: str, *, live: bool, config: bool) -> None:
-        flags = self._affect(live, config)
-        self.session.on_domain(
-            domain_uuid, "detach device from", lambda dom: dom.detachDeviceFlags(xml, flags)
-        )
-
     def detach_alias(self, domain_uuid: str, alias: str, *, live: bool, config: bool) -> None:
         """Ask for removal of device ``alias``; returns before a live unplug completes."""
         flags = self._affect(live, config)

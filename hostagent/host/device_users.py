@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,9 +121,16 @@ HOLDER_GRACE_SECONDS = 2.0
 HOLDER_POLL_SECONDS = 0.05
 
 
-def device_users(guests: Guests, connection: ConnectionRecord) -> list[str]:
+def device_users(
+    guests: Guests,
+    connection: ConnectionRecord,
+    *,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
     """Who still uses the connection's device: domains (live or config) that
     name it, else processes that hold it open. Empty: safe to disconnect.
+    ``monotonic`` and ``sleep`` time the grace given to a brief holder.
 
     Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
     taken as "unused".
@@ -138,9 +146,9 @@ def device_users(guests: Guests, connection: ConnectionRecord) -> list[str]:
     holders = processes_holding(connection.device_path)
     if not holders:
         return []
-    deadline = time.monotonic() + HOLDER_GRACE_SECONDS
-    while holders and time.monotonic() < deadline:
-        time.sleep(HOLDER_POLL_SECONDS)
+    deadline = monotonic() + HOLDER_GRACE_SECONDS
+    while holders and monotonic() < deadline:
+        sleep(HOLDER_POLL_SECONDS)
         holders = processes_holding(connection.device_path)
     if holders:
         return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]

@@ -25,6 +25,7 @@ import libvirt
 import libvirt_qemu
 from lxml import etree
 
+from hostagent.attachments.reconcile import Reconciler
 from hostagent.attachments.service import AttachmentService, ServiceSettings
 from hostagent.client import ApiError, HostagentClient
 from hostagent.connectors import Connector, ConnectorRegistry
@@ -414,4 +415,17 @@ def service_with(
         registry=ConnectorRegistry({"local": connector}),
         locks=HostLocks(state_dir / "locks"),
         settings=ServiceSettings(detach_timeout=5, detach_retry_interval=1, boot_id=boot_id),
+    )
+
+
+def reconciler_for(service: AttachmentService) -> Reconciler:
+    """A reconciler on the same parts as ``service``, as the daemon wires them."""
+    return Reconciler(
+        store=service.store,
+        guests=service.guests,
+        locks=service.locks,
+        connections=service.connections,
+        disks=service.disks,
+        boot_id=service.settings.boot_id,
+        tombstone_ttl=86400,
     )

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from hostagent.api.models import AttachRequest
-from hostagent.attachments.reconcile import Reconciler
 from hostagent.connectors import ConnectorError, HostDevice, SecretKeeperFailed, Target
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import ConnectFailed, DisconnectFailed, LibvirtError, LibvirtUnavailable
@@ -24,6 +23,7 @@ from tests.integration.support import (
     LoopDevices,
     hand_made_disk,
     local_request,
+    reconciler_for,
     service_with,
     unique,
 )
@@ -97,7 +97,7 @@ def test_reconcile_does_not_log_in_again_what_a_failed_last_detach_is_releasing(
     with pytest.raises(DisconnectFailed):
         service.detach(attachment_id)
 
-    report = Reconciler(service, tombstone_ttl=86400).run()
+    report = reconciler_for(service).run()
     assert [(a.action, a.subject) for a in report.actions] == [("failed", attachment_id)]
     assert connector.connects == [key], "no new login for a connection being released"
     connection = service.store.get_connection(key)
@@ -139,7 +139,7 @@ def test_a_rollback_whose_disconnect_fails_still_reports_the_attachs_own_error(
     left = store.get_connection(key)
     assert left is not None and left.state is ConnectionState.DISCONNECTING
 
-    report = Reconciler(service, tombstone_ttl=86400).run()
+    report = reconciler_for(service).run()
     assert [(a.action, a.subject) for a in report.actions] == [("disconnected", key)]
     assert store.get_connection(key) is None
     assert len(store.list_connections()) == len(attached), "the others are untouched"

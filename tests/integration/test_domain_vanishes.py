@@ -64,12 +64,12 @@ def test_startup_scan_skips_a_domain_that_vanished(
     holder.attach_raw(hand_made_disk(device, target_dev="sdb", unit=1, alias="ua-left-behind"))
 
     host_guests.victim = vanishing
-    [found] = unrecorded_disks(service)
+    [found] = unrecorded_disks(service.store, service.guests)
     assert (found.domain.name, found.disk.alias) == (holder.name, "ua-left-behind")
     assert vanishing.name not in [d.name for d in host_guests.list_domains()]
 
     # What a first start runs: it warns about the other guest's disk, and a
     # vanishing domain does not stop the daemon from starting.
     host_guests.victim = guests.make()
-    warn_about_unrecorded_disks(service)
+    warn_about_unrecorded_disks(service.store, service.guests)
     assert "ua-left-behind on " + holder.name in caplog.text

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from hostagent.api.models import AttachRequest
-from hostagent.attachments.reconcile import Reconciler
 from hostagent.attachments.service import AttachmentService
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import DetachTimeout, LibvirtError
@@ -30,6 +29,7 @@ from tests.integration.support import (
     LoopDevices,
     hand_made_disk,
     local_request,
+    reconciler_for,
     service_with,
     unique,
 )
@@ -182,7 +182,7 @@ def test_reconcile_does_not_connect_again_what_an_attach_just_reconnected(
     after.attach(unique("att"), second)  # connects it again, in this boot
     assert connector.connects == [key]
 
-    actions = Reconciler(after, tombstone_ttl=86400)._after_reboot(listed)
+    actions = reconciler_for(after)._after_reboot(listed)
     assert [a.action for a in actions] == [], actions
     assert connector.connects == [key], "not logged in a second time"
     connection = after.store.get_connection(key)
@@ -222,7 +222,7 @@ def test_reconcile_releases_for_real_a_connection_reconnected_since_its_listing(
     after.detach(fresh)  # shared with the stale one: the connection stays, of boot-b
     assert connector.connects == [key] and connector.disconnects == []
 
-    actions = Reconciler(after, tombstone_ttl=86400)._after_reboot(listed)
+    actions = reconciler_for(after)._after_reboot(listed)
     assert [(a.action, a.subject) for a in actions] == [("released_after_reboot", stale)]
     assert connector.disconnects == [key], "disconnected, not dropped while connected"
     assert after.store.get_connection(key) is None

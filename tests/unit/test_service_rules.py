@@ -1,0 +1,137 @@
+"""attachments/service.py: the rules of attach and detach, one per test.
+
+The core runs as the daemon wires it, on a real sqlite store and real locks,
+between recording fakes of libvirt and os-brick (tests/unit/recording.py).
+The same flows run on real libvirt in tests/integration.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hostagent.connectors import ConnectorError
+from hostagent.errors import (
+    AttachmentConflict,
+    AttachmentIdReused,
+    AttachmentNotFound,
+    ConnectFailed,
+    LibvirtError,
+)
+from tests.unit.conftest import Core
+
+
+def test_an_attach_puts_the_disk_in_the_live_domain_and_its_config(core: Core) -> None:
+    guest = core.guests.define("g1")
+    attachment, created = core.service.attach("a1", core.request(guest))
+    assert created and attachment.state == "attached"
+    assert core.guests.calls == [("attach", "ua-a1", True, True)]
+    assert core.guests.holds(guest, "ua-a1") == (True, True)
+    assert core.connector.connects == [core.key]
+
+
+def test_the_same_put_again_is_the_same_attachment(core: Core) -> None:
+    guest = core.guests.define("g1")
+    first, _ = core.service.attach("a1", core.request(guest))
+    again, created = core.service.attach("a1", core.request(guest))
+    assert not created and again == first
+    assert core.connector.connects == [core.key], "connected once"
+
+
+def test_another_request_under_the_same_id_conflicts(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    with pytest.raises(AttachmentConflict):
+        core.service.attach("a1", core.request(guest, mode="ro"))
+
+
+def test_a_second_attachment_joins_the_connection_without_connecting(core: Core) -> None:
+    one, two = core.guests.define("g1"), core.guests.define("g2")
+    core.service.attach("a1", core.request(one, multiattach=True))
+    attachment, _ = core.service.attach("a2", core.request(two, multiattach=True))
+    assert attachment.host_refcount == 2
+    assert core.connector.connects == [core.key]
+
+
+def test_the_last_detach_disconnects_and_reports_terminate_connection(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    result = core.service.detach("a1")
+    assert (result.host_disconnected, result.terminate_connection) == (True, True)
+    assert result.host_refcount == 0
+    assert core.connector.disconnects == [core.key]
+    assert core.guests.holds(guest, "ua-a1") == (False, False)
+    assert core.store.get_connection(core.key) is None
+
+
+def test_a_repeated_delete_answers_the_same_without_a_second_disconnect(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    first = core.service.detach("a1")
+    assert core.service.detach("a1") == first
+    assert core.connector.disconnects == [core.key], "terminate_connection reported once"
+
+
+def test_a_detach_that_leaves_other_users_keeps_the_connection(core: Core) -> None:
+    one, two = core.guests.define("g1"), core.guests.define("g2")
+    core.service.attach("a1", core.request(one, multiattach=True))
+    core.service.attach("a2", core.request(two, multiattach=True))
+    result = core.service.detach("a1")
+    assert (result.host_disconnected, result.terminate_connection) == (False, False)
+    assert result.host_refcount == 1
+    assert core.connector.disconnects == []
+
+
+def test_a_domain_that_names_the_device_keeps_the_connection(core: Core) -> None:
+    ours, theirs = core.guests.define("g1"), core.guests.define("operator")
+    core.service.attach("a1", core.request(ours))
+    core.guests.add_disk(theirs, core.device, alias="virtio-disk9", dev="vdz")
+    result = core.service.detach("a1")
+    assert (result.host_disconnected, result.terminate_connection) == (False, False)
+    assert core.connector.disconnects == []
+    assert core.store.get_connection(core.key) is not None, "kept for the operator's disk"
+
+
+def test_a_failed_connect_leaves_no_record(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.connector.connect_error = ConnectorError("target refused the login")
+    with pytest.raises(ConnectFailed):
+        core.service.attach("a1", core.request(guest))
+    assert core.store.get_attachment("a1") is None
+    assert core.store.get_tombstone("a1") is None, "the id may be used again"
+    assert core.store.get_connection(core.key) is None
+    assert core.guests.calls == [], "libvirt never asked"
+
+
+def test_a_disk_libvirt_refuses_rolls_the_attach_back(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.guests.refuse_attach = "internal error: unable to execute QEMU command"
+    with pytest.raises(LibvirtError):
+        core.service.attach("a1", core.request(guest))
+    assert core.store.get_attachment("a1") is None
+    assert core.connector.disconnects == [core.key], "the connection it made is released"
+    assert core.store.get_connection(core.key) is None
+
+
+def test_a_detached_id_is_not_used_again(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    core.service.detach("a1")
+    with pytest.raises(AttachmentIdReused):
+        core.service.attach("a1", core.request(guest))
+
+
+def test_a_delete_of_an_unknown_id_is_not_found(core: Core) -> None:
+    with pytest.raises(AttachmentNotFound):
+        core.service.detach("never")
+
+
+def test_a_detach_removes_the_disk_only_where_the_domain_has_it(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    core.guests.drop_disk(guest, "ua-a1", "config")
+    core.guests.calls.clear()
+    core.service.detach("a1")
+    assert core.guests.calls == [
+        ("detach", "ua-a1", True, True),  # optimistic: refused, the config has none
+        ("detach", "ua-a1", True, False),  # asked again where the disk is
+    ]
