@@ -15,6 +15,7 @@ from hostagent.guests.disk_presence import presence_in_scan
 from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
 from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import DeviceReference, matcher_for, references_in
+from hostagent.host.host_use import host_uses, identify
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
@@ -116,6 +117,30 @@ def _connection_findings(
             )
 
 
+def _host_use_findings(
+    connection: ConnectionRecord, records: list[AttachmentRecord]
+) -> Iterator[Finding]:
+    """Attachments whose device the host itself uses now (mounted after the attach,
+    say): a guest writing to it corrupts the host's filesystem or swap."""
+    path = connection.device_path
+    device = identify(path) if path else None
+    if path is None or device is None:
+        return
+    reasons = host_uses(device, path)
+    if not reasons:
+        return
+    for record in records:
+        if record.connection_key == connection.connection_key:
+            yield Finding(
+                kind="host_uses_device",
+                subject=record.attachment_id,
+                detail=f"the host itself uses {path} ({device.path}), which "
+                f"{record.domain_name} has as {record.target_dev}: {'; '.join(reasons)}",
+                suggestion=f"findmnt --source {device.path}; swapon --show; then "
+                f"hostagentctl detach {record.attachment_id}",
+            )
+
+
 def diagnose(store: Store, guests: Guests, *, boot_id: str) -> DoctorReport:
     """Every disagreement between the records, libvirt's domains and the host."""
     domains = {d.uuid: d for d in guests.list_domains()}
@@ -140,6 +165,7 @@ def diagnose(store: Store, guests: Guests, *, boot_id: str) -> DoctorReport:
                 )
             )
     for connection in connections:
+        findings += _host_use_findings(connection, records)
         findings += _connection_findings(
             connection,
             store.refcount(connection.connection_key),

@@ -24,12 +24,14 @@ from hostagent.connectors import (
     Connector,
     ConnectorError,
     HostDevice,
+    InvalidTarget,
     SecretKeeperFailed,
     Target,
 )
 from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError, LibvirtUnavailable
 from hostagent.guests.domains import Guests
 from hostagent.host.device_users import device_users
+from hostagent.host.host_use import host_uses, identify
 from hostagent.locks import HostLocks
 from hostagent.observability.metrics import Metrics
 from hostagent.state.store import (
@@ -58,6 +60,20 @@ def detach_body(record: AttachmentRecord, users_left: int, *, released: bool) ->
 def _kept_for(record: AttachmentRecord) -> Callable[[int], dict[str, object]]:
     """The answer of a detach that leaves the connection to ``users_left`` others."""
     return functools.partial(detach_body, record, released=False)
+
+
+def refuse_a_device_the_host_uses(device: HostDevice) -> None:
+    """A connect that produced a device the host itself uses (a LUN that is the
+    host's root disk, a misconfigured target) is undone like a failed one."""
+    if device.path is None:
+        return
+    found = identify(device.path)
+    reasons = host_uses(found, device.path) if found is not None else []
+    if reasons:
+        raise ConnectorError(
+            f"the device it produced, {device.path}, is used by the host itself: "
+            f"{'; '.join(reasons)}"
+        )
 
 
 def _why(exc: Exception) -> str:
@@ -137,6 +153,7 @@ class HostConnections:
             try:
                 with self.metrics.phase("connect"):
                     device = connector.connect(target)
+                refuse_a_device_the_host_uses(device)
             except ConnectorError as exc:
                 LOG.error(
                     "attachment %s: connect %s failed: %s", record.attachment_id, key, _why(exc)
@@ -246,6 +263,30 @@ class HostConnections:
         )
         device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
         return target, device
+
+    def move_to_current_keys(self) -> None:
+        """At start, before serving: a connection stored under a key an older
+        version gave it (a local device by the path it was named by) moves to
+        the key its connector gives it now, with its attachments."""
+        for connection in self.store.list_connections():
+            try:
+                connector = self.registry.get(connection.driver_volume_type)
+            except InvalidTarget:
+                continue  # a protocol no longer served: reconcile reports it
+            target, _ = self.target_of(connection)
+            current = connector.canonical(target)
+            old, new = connection.connection_key, current.connection_key
+            if new == old:
+                continue
+            if self.store.rekey_connection(old, new, current.properties):
+                LOG.info("connection %s is now keyed %s", old, new)
+            else:
+                LOG.warning(
+                    "connections %s and %s are one host device; both stay as they are "
+                    "(detach the attachments of one of them)",
+                    old,
+                    new,
+                )
 
     def reconnect(self, connection: ConnectionRecord) -> None:
         """Bring a connection that has users back to ``connected`` (reconcile).

@@ -102,6 +102,7 @@ class ConnectorSettings:
 
     iscsi_use_multipath: bool = False
     rbd_attach_mode: str = "librbd"
+    local_allowed_devices: tuple[str, ...] = ()
 
 
 class SecretKeeper(Protocol):
@@ -154,6 +155,12 @@ class Connector(Protocol):
     def disk_source(target: Target, device: HostDevice) -> DiskSource | None:
         """What a guest's disk of this connection names, from what its connect
         produced; None while there is nothing a disk could name."""
+        ...
+
+    @staticmethod
+    def canonical(target: Target) -> Target:
+        """The target under the key this version gives it (a local device by its
+        kernel name); a connection stored under an older key moves to it at start."""
         ...
 
     @staticmethod

@@ -217,6 +217,10 @@ class ISCSIConnector:
             )
 
     @staticmethod
+    def canonical(target: Target) -> Target:
+        return target
+
+    @staticmethod
     def disk_source(target: Target, device: HostDevice) -> BlockDiskSource | None:
         return connected_block_device(device)
 

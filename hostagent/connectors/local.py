@@ -1,4 +1,12 @@
-"""``local``: a block device already present on the host, through os-brick's LocalConnector."""
+"""``local``: a block device already present on the host, through os-brick's LocalConnector.
+
+A device is keyed by what the kernel knows it as (its number, named
+``/dev/<kernel name>``), so a second node or a bind mount of the same device
+is the same connection, and every conflict rule and the refcount see one
+device. A device the host itself uses (mounted, swap, held exclusively, or
+under something that is) is refused before anything is touched, and so is
+one outside the operator's ``[local] allowed_devices``.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from hostagent.connectors.base import (
     connected_block_device,
     os_brick_errors,
 )
+from hostagent.host.host_use import BlockDevice, allowed, host_uses, identify
 
 DEV_ROOT = "/dev/"
 
@@ -53,24 +62,44 @@ class LocalConnector:
 
     driver_volume_type: ClassVar[str] = "local"
 
-    def __init__(self, brick: Any | None = None) -> None:
+    def __init__(self, brick: Any | None = None, *, allowed_devices: tuple[str, ...] = ()) -> None:
         self._brick = brick if brick is not None else BrickLocalConnector(root_helper=None)
+        self._allowed_devices = allowed_devices
 
     @classmethod
     def configured(cls, settings: ConnectorSettings, secrets: SecretKeeper | None) -> Self:
-        return cls()
+        return cls(allowed_devices=settings.local_allowed_devices)
 
     def parse_target(self, data: Mapping[str, Any]) -> Target:
-        real = canonical_block_device(data.get("device_path"))
+        given = data.get("device_path")
+        real = canonical_block_device(given)
         disk_format = data.get("format", "raw")
         if not isinstance(disk_format, str):
             raise InvalidTarget("connection_info.data.format must be a string")
-        return Target(
-            driver_volume_type=self.driver_volume_type,
-            connection_key=f"local:{real}",
-            properties={"device_path": real},
-            disk_format=disk_format,
-        )
+        device = identify(real)
+        if device is None:
+            raise InvalidTarget(f"device_path {given!r} ({real}): the kernel does not name it")
+        if not allowed(device, real, self._allowed_devices):
+            raise InvalidTarget(
+                f"device_path {given!r} ({device.path}) is not in [local] allowed_devices"
+            )
+        reasons = host_uses(device, real)
+        if reasons:
+            raise InvalidTarget(
+                f"device_path {given!r} ({device.path}) is used by the host itself: "
+                f"{'; '.join(reasons)}"
+            )
+        return _keyed(device, real, disk_format)
+
+    @staticmethod
+    def canonical(target: Target) -> Target:
+        """A stored target under its kernel identity (older versions keyed a device
+        by its resolved path); unchanged if the device is not there now."""
+        path = str(target.properties["device_path"])
+        device = identify(path)
+        if device is None:
+            return target
+        return _keyed(device, path, target.disk_format)
 
     def guard(self, target: Target) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -97,3 +126,16 @@ class LocalConnector:
     def offline_disk_source(target: Target) -> BlockDiskSource:
         """The device itself: parse_target resolved it already."""
         return BlockDiskSource(str(target.properties["device_path"]))
+
+
+def _keyed(device: BlockDevice, node: str, disk_format: str) -> Target:
+    """The target of ``device``: keyed, and given to guests, by its kernel name
+    (``node``, the path that led to it, only if the kernel's node is missing)."""
+    kernel_node = identify(device.path)
+    path = device.path if kernel_node == device else node
+    return Target(
+        driver_volume_type=LocalConnector.driver_volume_type,
+        connection_key=f"local:{device.path}",
+        properties={"device_path": path},
+        disk_format=disk_format,
+    )

@@ -221,6 +221,10 @@ class RBDConnector:
                 self._keeper().undefine_secret(agent_secret_uuid(target))
 
     @staticmethod
+    def canonical(target: Target) -> Target:
+        return target
+
+    @staticmethod
     def disk_source(target: Target, device: HostDevice) -> DiskSource:
         """The mapped device (krbd), else the image on its monitors, with the
         secret holding the cephx key (librbd)."""

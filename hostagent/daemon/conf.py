@@ -142,6 +142,16 @@ RBD_OPTS: list[cfg.Opt] = [
     ),
 ]
 
+LOCAL_OPTS: list[cfg.Opt] = [
+    cfg.ListOpt(
+        "allowed_devices",
+        default=[],
+        help="Globs a local device must match (its resolved path, /dev/<kernel name>, or "
+        "one of its /dev/disk/by-* links), e.g. /dev/disk/by-id/nvme-*,/dev/loop*; "
+        "empty: any block device the host itself does not use.",
+    ),
+]
+
 CONNECTOR_OPTS: list[cfg.Opt] = [
     cfg.StrOpt(
         "host",
@@ -170,6 +180,7 @@ GROUPS: dict[str, list[cfg.Opt]] = {
     "reconcile": RECONCILE_OPTS,
     "connector": CONNECTOR_OPTS,
     "iscsi": ISCSI_OPTS,
+    "local": LOCAL_OPTS,
     "rbd": RBD_OPTS,
 }
 

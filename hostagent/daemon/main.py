@@ -263,6 +263,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             connectors.ConnectorSettings(
                 iscsi_use_multipath=conf.iscsi.use_multipath,
                 rbd_attach_mode=conf.rbd.attach_mode,
+                local_allowed_devices=tuple(conf.local.allowed_devices),
             ),
             secrets=guests,
         )
@@ -281,6 +282,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             tombstone_ttl=conf.reconcile.tombstone_ttl,
         )
         metrics.watch(store, lambda: guests.connected)
+        service.connections.move_to_current_keys()
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))

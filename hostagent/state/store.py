@@ -451,6 +451,28 @@ class Store:
                 (connection_key, connection_key),
             )
 
+    def rekey_connection(
+        self, old_key: str, new_key: str, connection_data: Mapping[str, Any]
+    ) -> bool:
+        """Move a connection and its attachments to ``new_key`` (a key an older
+        version gave it); False, nothing changed, if ``new_key`` is taken."""
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM connections WHERE connection_key = ?", (new_key,)
+            ).fetchone():
+                return False
+            db.execute("PRAGMA defer_foreign_keys = ON")
+            db.execute(
+                "UPDATE connections SET connection_key = ?, connection_data = ?"
+                " WHERE connection_key = ?",
+                (new_key, json.dumps(dict(connection_data), sort_keys=True), old_key),
+            )
+            db.execute(
+                "UPDATE attachments SET connection_key = ? WHERE connection_key = ?",
+                (new_key, old_key),
+            )
+            return True
+
     def purge_tombstones(self, older_than: float) -> int:
         """Delete tombstones written before ``older_than`` (epoch seconds)."""
         with self._tx() as db:

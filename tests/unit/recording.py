@@ -210,6 +210,10 @@ class RecordingConnector:
         return LocalConnector.disk_source(target, device)
 
     @staticmethod
+    def canonical(target: Target) -> Target:
+        return target
+
+    @staticmethod
     def offline_disk_source(target: Target) -> DiskSource:
         return LocalConnector.offline_disk_source(target)
 
