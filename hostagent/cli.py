@@ -1,26 +1,51 @@
-"""hostagentctl: a thin command line over the v1 API (plus offline ``xml``)."""
+"""hostagentctl: a thin command line over the v1 API (plus offline ``xml``).
+
+Every command prints the API's JSON as the daemon sent it (``--json``) or a view of
+it for people. Only ``attach`` loads pydantic (to check the request before sending
+it) and only ``xml`` loads os-brick, so the read commands start as fast as Python.
+"""
+
+# ruff: noqa: PLC0415  (pydantic and os-brick are imported by the commands that need them)
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
-from hostagent.api.models import AttachRequest, describe_validation_error
-from hostagent.attachments.render import OfflineRenderError, render_disk_xml
-from hostagent.client import ApiError, HostagentClient, default_socket
+from hostagent.client import (
+    ApiError,
+    HostagentClient,
+    attachment_path,
+    connector_path,
+    default_socket,
+)
 
 EXIT_ERROR = 2
 
 
+class CliError(Exception):
+    """A mistake found before or without the daemon (bad request body, XML not renderable)."""
+
+
+def _text(value: Any) -> str:
+    """A value as an operator reads it: no Python reprs (None, True, ['a'])."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(_text(v) for v in value) or "-"
+    return str(value)
+
+
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[str(c).upper() for c in columns]]
-    cells += [["-" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    cells += [[_text(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -28,14 +53,23 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     )
 
 
-def _print(data: BaseModel | Sequence[BaseModel], as_json: bool, human: str) -> None:
-    if as_json:
-        if not isinstance(data, BaseModel):
-            print(json.dumps([d.model_dump(mode="json") for d in data], indent=2))
-        else:
-            print(data.model_dump_json(indent=2))
-    else:
-        print(human)
+def _fields(data: dict[str, Any], skip: Sequence[str]) -> list[str]:
+    return [f"  {key}: {_text(value)}" for key, value in data.items() if key not in skip]
+
+
+def _evenly_indented(xml: str) -> list[str]:
+    """libvirt's ``<disk>`` cut out of a domain keeps the domain's indentation on every
+    line but the first; dedent the rest so it reads like ``virsh attach-device`` input."""
+    first, _, rest = xml.strip().partition("\n")
+    return [first, *textwrap.dedent(rest).splitlines()]
+
+
+def _print(data: Any, as_json: bool, human: str) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False) if as_json else human)
+
+
+def _get(client: HostagentClient, path: str) -> Any:
+    return client.request("GET", path)[1]
 
 
 def _read_json(source: str) -> Any:
@@ -55,64 +89,54 @@ ATTACHMENT_COLUMNS = (
     "host_refcount",
     "connection_key",
 )
+CONNECTION_COLUMNS = (
+    "connection_key",
+    "driver_volume_type",
+    "device_path",
+    "state",
+    "host_refcount",
+    "attachments",
+    "connected_at",
+)
 
 
 def cmd_status(client: HostagentClient, args: argparse.Namespace) -> int:
-    health = client.health()
-    attachments = client.list()
-    connections = client.connections().connections
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "health": health.model_dump(),
-                    "attachments": len(attachments),
-                    "connections": len(connections),
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(f"hostagentd {health.version}: {health.status} (libvirt {health.libvirt})")
-        print(f"socket: {client.socket_path}")
-        print(f"attachments: {len(attachments)}   host connections: {len(connections)}")
-    return 0 if health.status == "ok" else 1
+    health = _get(client, "/v1/health")
+    attachments = _get(client, "/v1/attachments")["attachments"]
+    connections = _get(client, "/v1/connections")["connections"]
+    summary = {"health": health, "attachments": len(attachments), "connections": len(connections)}
+    _print(
+        summary,
+        args.json,
+        f"hostagentd {health['version']}: {health['status']} (libvirt {health['libvirt']})\n"
+        f"socket: {client.socket_path}\n"
+        f"attachments: {len(attachments)}   host connections: {len(connections)}",
+    )
+    return 0 if health["status"] == "ok" else 1
 
 
 def cmd_list(client: HostagentClient, args: argparse.Namespace) -> int:
-    attachments = client.list()
-    _print(
-        attachments, args.json, _table([a.model_dump() for a in attachments], ATTACHMENT_COLUMNS)
-    )
+    listing = _get(client, "/v1/attachments")
+    _print(listing, args.json, _table(listing["attachments"], ATTACHMENT_COLUMNS))
     return 0
 
 
 def cmd_connections(client: HostagentClient, args: argparse.Namespace) -> int:
-    connections = client.connections()
+    listing = _get(client, "/v1/connections")
+    # Comma without a space: a table cell must not contain the column separator.
     rows = [
-        dict(c.model_dump(), attachments=",".join(c.attachments) or "-")
-        for c in connections.connections
+        dict(c, attachments=",".join(c["attachments"]) or None) for c in listing["connections"]
     ]
-    _print(
-        connections,
-        args.json,
-        _table(
-            rows,
-            (
-                "connection_key",
-                "driver_volume_type",
-                "device_path",
-                "state",
-                "host_refcount",
-                "attachments",
-                "connected_at",
-            ),
-        ),
-    )
+    _print(listing, args.json, _table(rows, CONNECTION_COLUMNS))
     return 0
 
 
-def _attach_request(args: argparse.Namespace) -> AttachRequest:
+def _attach_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The request body, checked here so a mistake is named before anything is sent."""
+    from pydantic import ValidationError
+
+    from hostagent.api.models import AttachRequest, describe_validation_error
+
     if args.local_device:
         connection_info: Any = {
             "driver_volume_type": "local",
@@ -130,124 +154,120 @@ def _attach_request(args: argparse.Namespace) -> AttachRequest:
         "target_dev": args.target_dev,
         "serial": args.serial,
     }
-    return AttachRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    try:
+        request = AttachRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as exc:
+        raise CliError(describe_validation_error(exc)) from exc
+    return request.model_dump(exclude_none=True)
 
 
 def cmd_attach(client: HostagentClient, args: argparse.Namespace) -> int:
-    attachment, created = client.attach(args.attachment_id, _attach_request(args))
+    status, attachment = client.request(
+        "PUT", attachment_path(args.attachment_id), _attach_body(args)
+    )
     _print(
         attachment,
         args.json,
-        f"{'attached' if created else 'already attached'}: {attachment.attachment_id} "
-        f"-> {attachment.domain_name} {attachment.target_dev} "
-        f"({attachment.connection_key}, host refcount {attachment.host_refcount})",
+        f"{'attached' if status == 201 else 'already attached'}: "
+        f"{attachment['attachment_id']} -> {attachment['domain_name']} "
+        f"{attachment['target_dev']} ({attachment['connection_key']}, "
+        f"host refcount {attachment['host_refcount']})",
     )
     return 0
 
 
 def cmd_detach(client: HostagentClient, args: argparse.Namespace) -> int:
-    result = client.detach(args.attachment_id)
+    _, result = client.request("DELETE", attachment_path(args.attachment_id))
     _print(
         result,
         args.json,
-        f"detached: {result.attachment_id} ({result.connection_key}, host refcount "
-        f"{result.host_refcount}); host_disconnected={str(result.host_disconnected).lower()} "
-        f"terminate_connection={str(result.terminate_connection).lower()}",
+        f"detached: {result['attachment_id']} ({result['connection_key']}, host refcount "
+        f"{result['host_refcount']}); host_disconnected={_text(result['host_disconnected'])} "
+        f"terminate_connection={_text(result['terminate_connection'])}",
     )
     return 0
 
 
 def cmd_show(client: HostagentClient, args: argparse.Namespace) -> int:
-    attachment = client.get(args.attachment_id)
+    attachment = _get(client, attachment_path(args.attachment_id))
     connection = next(
         (
             c
-            for c in client.connections().connections
-            if c.connection_key == attachment.connection_key
+            for c in _get(client, "/v1/connections")["connections"]
+            if c["connection_key"] == attachment["connection_key"]
         ),
         None,
     )
-    view = client.libvirt_view(args.attachment_id)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "attachment": attachment.model_dump(mode="json"),
-                    "connection": connection.model_dump(mode="json") if connection else None,
-                    "libvirt": view.model_dump(mode="json"),
-                },
-                indent=2,
-            )
-        )
-        return 0
-    lines = [f"attachment {attachment.attachment_id}"]
-    lines += [
-        f"  {k}: {v}"
-        for k, v in attachment.model_dump().items()
-        if k not in ("attachment_id", "disk_xml")
-    ]
-    if connection is not None:
-        lines.append(f"host connection {connection.connection_key}")
-        lines += [
-            f"  {k}: {v}" for k, v in connection.model_dump().items() if k != "connection_key"
-        ]
-    where = "" if view.domain_exists else " (domain no longer exists)"
-    lines.append(
-        f"libvirt: domain {view.domain_name}{where}, "
-        f"{'running' if view.active else 'not running'}, "
-        f"{'persistent' if view.persistent else 'transient'}"
-    )
-    for label, xml in (
-        ("live XML", view.live_disk_xml),
-        ("persistent config", view.config_disk_xml),
-    ):
-        if (view.active and label == "live XML") or (view.persistent and label != "live XML"):
-            lines.append(f"  {label}:")
-            lines += [f"    {line}" for line in (xml or "(no disk with this alias)").splitlines()]
-    lines.append("the same in virsh:")
-    lines += [f"  {command}" for command in view.virsh_commands]
-    print("\n".join(lines))
+    view = _get(client, attachment_path(args.attachment_id, "/libvirt"))
+    shown = {"attachment": attachment, "connection": connection, "libvirt": view}
+    _print(shown, args.json, _show_text(attachment, connection, view))
     return 0
 
 
+def _show_text(
+    attachment: dict[str, Any], connection: dict[str, Any] | None, view: dict[str, Any]
+) -> str:
+    lines = [f"attachment {attachment['attachment_id']}"]
+    lines += _fields(attachment, skip=("attachment_id", "disk_xml"))
+    if connection is not None:
+        lines.append(f"host connection {connection['connection_key']}")
+        lines += _fields(connection, skip=("connection_key",))
+    where = "" if view["domain_exists"] else " (domain no longer exists)"
+    lines.append(
+        f"libvirt: domain {view['domain_name']}{where}, "
+        f"{'running' if view['active'] else 'not running'}, "
+        f"{'persistent' if view['persistent'] else 'transient'}"
+    )
+    disks = (
+        ("live XML", view["live_disk_xml"], view["active"]),
+        ("persistent config", view["config_disk_xml"], view["persistent"]),
+    )
+    for label, xml, present in disks:
+        if present:
+            lines.append(f"  {label}:")
+            text = _evenly_indented(xml) if xml else ["(no disk with this alias)"]
+            lines += [f"    {line}" for line in text]
+    lines.append("the same in virsh:")
+    lines += [f"  {command}" for command in view["virsh_commands"]]
+    return "\n".join(lines)
+
+
 def cmd_doctor(client: HostagentClient, args: argparse.Namespace) -> int:
-    report = client.doctor()
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    elif report.ok:
-        print(
-            f"ok: {report.attachments} attachments, {report.connections} host connections "
-            f"and {report.domains} domains agree"
+    report = _get(client, "/v1/doctor")
+    if report["ok"]:
+        human = (
+            f"ok: {report['attachments']} attachments, {report['connections']} host "
+            f"connections and {report['domains']} domains agree"
         )
     else:
-        for finding in report.findings:
-            print(f"{finding.kind}: {finding.subject}: {finding.detail}")
-            print(f"  try: {finding.suggestion}")
-    return 0 if report.ok else 1
+        human = "\n".join(
+            f"{f['kind']}: {f['subject']}: {f['detail']}\n  try: {f['suggestion']}"
+            for f in report["findings"]
+        )
+    _print(report, args.json, human)
+    return 0 if report["ok"] else 1
 
 
 def cmd_reconcile(client: HostagentClient, args: argparse.Namespace) -> int:
-    report = client.reconcile()
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    elif not report.actions:
-        print("nothing to do: records, domains and devices agree")
-    else:
-        for action in report.actions:
-            print(f"{action.action}: {action.subject}: {action.detail}")
+    _, report = client.request("POST", "/v1/reconcile")
+    human = "\n".join(f"{a['action']}: {a['subject']}: {a['detail']}" for a in report["actions"])
+    _print(report, args.json, human or "nothing to do: records, domains and devices agree")
     return 0
 
 
 def cmd_connector(client: HostagentClient, args: argparse.Namespace) -> int:
-    properties = client.connector(args.target)
-    data = properties.model_dump(mode="json")
-    _print(properties, args.json, "\n".join(f"{k}: {v}" for k, v in sorted(data.items())))
+    properties = _get(client, connector_path(args.target))
+    human = "\n".join(f"{k}: {_text(v)}" for k, v in sorted(properties.items()))
+    _print(properties, args.json, human)
     return 0
 
 
 def cmd_xml(args: argparse.Namespace) -> int:
-    sys.stdout.write(
-        render_disk_xml(
+    # os-brick (through the connectors) is most of a second to import: only here.
+    from hostagent.attachments.render import OfflineRenderError, render_disk_xml
+
+    try:
+        xml = render_disk_xml(
             _read_json(args.connection_info),
             attachment_id=args.attachment_id,
             serial=args.serial,
@@ -256,7 +276,9 @@ def cmd_xml(args: argparse.Namespace) -> int:
             bus=args.bus,
             target_dev=args.target_dev,
         )
-    )
+    except OfflineRenderError as exc:
+        raise CliError(str(exc)) from exc
+    sys.stdout.write(xml)
     return 0
 
 
@@ -336,9 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](HostagentClient(args.socket), args)
     except ApiError as exc:
         print(f"hostagentctl: {exc}", file=sys.stderr)
-    except ValidationError as exc:
-        print(f"hostagentctl: {describe_validation_error(exc)}", file=sys.stderr)
-    except (OfflineRenderError, OSError, json.JSONDecodeError) as exc:
+    except (CliError, OSError, json.JSONDecodeError) as exc:
         print(f"hostagentctl: {str(exc).splitlines()[0]}", file=sys.stderr)
     return EXIT_ERROR
 

@@ -1,4 +1,11 @@
-"""Python client of the v1 API over the unix socket, for virt drivers and hostagentctl."""
+"""Python client of the v1 API over the unix socket, for virt drivers and hostagentctl.
+
+Importing it loads only the standard library: the typed methods load the pydantic
+models when first called, so ``request`` alone (hostagentctl's read commands) stays
+fast to start.
+"""
+
+# ruff: noqa: PLC0415  (the models are imported where first needed, on purpose)
 
 from __future__ import annotations
 
@@ -7,22 +14,20 @@ import json
 import os
 import socket
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
-from hostagent.api.models import (
-    Attachment,
-    AttachmentList,
-    AttachRequest,
-    ConnectionList,
-    ConnectorProperties,
-    DetachResult,
-    DoctorReport,
-    Health,
-    LibvirtView,
-    ReconcileReport,
-)
+if TYPE_CHECKING:
+    from hostagent.api.models import (
+        Attachment,
+        AttachRequest,
+        ConnectionList,
+        ConnectorProperties,
+        DetachResult,
+        DoctorReport,
+        Health,
+        LibvirtView,
+        ReconcileReport,
+    )
 
 DEFAULT_SOCKET = "/run/hostagent/hostagent.sock"
 
@@ -53,10 +58,15 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _quoted(attachment_id: str) -> str:
-    """The id as one path segment: "a1?x" must reach the daemon (and be refused)
-    as itself, not as "a1" with a query string."""
-    return urllib.parse.quote(attachment_id, safe="")
+def attachment_path(attachment_id: str, suffix: str = "") -> str:
+    """``/v1/attachments/{id}{suffix}`` with the id as one path segment: "a1?x" must
+    reach the daemon (and be refused) as itself, not as "a1" with a query string."""
+    return f"/v1/attachments/{urllib.parse.quote(attachment_id, safe='')}{suffix}"
+
+
+def connector_path(target: str | None = None) -> str:
+    """``/v1/connector``, asking for the ip that reaches ``target`` if given."""
+    return f"/v1/connector?target={urllib.parse.quote(target)}" if target else "/v1/connector"
 
 
 class HostagentClient:
@@ -103,43 +113,66 @@ class HostagentClient:
         self, attachment_id: str, request: AttachRequest | dict[str, Any]
     ) -> tuple[Attachment, bool]:
         """Attach; returns the attachment and whether it was created now (201)."""
-        body = request.model_dump(exclude_none=True) if isinstance(request, BaseModel) else request
-        status, data = self.request("PUT", f"/v1/attachments/{_quoted(attachment_id)}", body)
+        from hostagent.api.models import Attachment, AttachRequest
+
+        body = (
+            request.model_dump(exclude_none=True)
+            if isinstance(request, AttachRequest)
+            else request
+        )
+        status, data = self.request("PUT", attachment_path(attachment_id), body)
         return Attachment.model_validate(data), status == 201
 
     def detach(self, attachment_id: str) -> DetachResult:
-        _, data = self.request("DELETE", f"/v1/attachments/{_quoted(attachment_id)}")
+        from hostagent.api.models import DetachResult
+
+        _, data = self.request("DELETE", attachment_path(attachment_id))
         return DetachResult.model_validate(data)
 
     def get(self, attachment_id: str) -> Attachment:
-        _, data = self.request("GET", f"/v1/attachments/{_quoted(attachment_id)}")
+        from hostagent.api.models import Attachment
+
+        _, data = self.request("GET", attachment_path(attachment_id))
         return Attachment.model_validate(data)
 
     def list(self) -> list[Attachment]:
+        from hostagent.api.models import AttachmentList
+
         _, data = self.request("GET", "/v1/attachments")
         return AttachmentList.model_validate(data).attachments
 
     def connections(self) -> ConnectionList:
+        from hostagent.api.models import ConnectionList
+
         _, data = self.request("GET", "/v1/connections")
         return ConnectionList.model_validate(data)
 
     def health(self) -> Health:
+        from hostagent.api.models import Health
+
         _, data = self.request("GET", "/v1/health")
         return Health.model_validate(data)
 
     def reconcile(self) -> ReconcileReport:
+        from hostagent.api.models import ReconcileReport
+
         _, data = self.request("POST", "/v1/reconcile")
         return ReconcileReport.model_validate(data)
 
     def libvirt_view(self, attachment_id: str) -> LibvirtView:
-        _, data = self.request("GET", f"/v1/attachments/{_quoted(attachment_id)}/libvirt")
+        from hostagent.api.models import LibvirtView
+
+        _, data = self.request("GET", attachment_path(attachment_id, "/libvirt"))
         return LibvirtView.model_validate(data)
 
     def connector(self, target: str | None = None) -> ConnectorProperties:
-        query = f"?target={urllib.parse.quote(target)}" if target else ""
-        _, data = self.request("GET", f"/v1/connector{query}")
+        from hostagent.api.models import ConnectorProperties
+
+        _, data = self.request("GET", connector_path(target))
         return ConnectorProperties.model_validate(data)
 
     def doctor(self) -> DoctorReport:
+        from hostagent.api.models import DoctorReport
+
         _, data = self.request("GET", "/v1/doctor")
         return DoctorReport.model_validate(data)

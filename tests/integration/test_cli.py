@@ -65,8 +65,22 @@ def test_attach_list_connections_detach_through_the_cli(
     header, row = listing.stdout.splitlines()
     assert header.split()[:4] == ["ATTACHMENT_ID", "VOLUME_ID", "DOMAIN_NAME", "STATE"]
     assert row.split()[:4] == [attachment_id, "vol-cli", guest.name, "attached"]
+    # --json prints what the API returns: the list inside {"attachments": [...]}.
     listed = json.loads(ctl("list", "--json", socket=sock).stdout)
-    assert [a["attachment_id"] for a in listed] == [attachment_id]
+    assert listed == daemon.client.request("GET", "/v1/attachments")[1]
+    assert [a["attachment_id"] for a in listed["attachments"]] == [attachment_id]
+
+    shown = ctl("show", attachment_id, socket=sock)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert f"  attachments: {attachment_id}" in lines and "  shareable: true" in lines
+    # libvirt's live <disk> keeps the domain's indentation; show prints it evenly.
+    start = lines.index("  live XML:") + 1
+    end = lines.index("    </disk>", start)
+    assert lines[start].startswith("    <disk ")
+    children = lines[start + 1 : end]
+    assert min(len(line) - len(line.lstrip()) for line in children) == 6, lines
+    assert f'      <alias name="ua-{attachment_id}"/>' in children
 
     connections = json.loads(ctl("connections", "--json", socket=sock).stdout)
     assert connections["connections"][0]["connection_key"] == f"local:{device}"

@@ -1,7 +1,9 @@
-"""The client: ids travel as themselves, and a slow answer is not "unreachable"."""
+"""The client: ids travel as themselves, a slow answer is not "unreachable", and the
+typed methods still return the API models (pydantic is loaded on their first call)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.api.models import Attachment
 from hostagent.client import ApiError, HostagentClient
 
 
@@ -72,3 +75,31 @@ def test_no_answer_in_time_is_a_timeout_not_unreachable(socket_path: Path) -> No
     with pytest.raises(ApiError) as down:
         HostagentClient(str(socket_path)).list()
     assert down.value.code == "unreachable"
+
+
+def test_typed_methods_return_the_api_models(socket_path: Path) -> None:
+    attachment = {
+        "attachment_id": "a1",
+        "volume_id": "v1",
+        "domain_uuid": "b4f69ee9-b2a7-4507-91d8-c49a753f8f04",
+        "domain_name": "demo-1",
+        "state": "attached",
+        "target_dev": "sda",
+        "bus": "scsi",
+        "mode": "rw",
+        "multiattach": False,
+        "shareable": False,
+        "connection_key": "local:/dev/loop0",
+        "device_path": "/dev/loop0",
+        "host_refcount": 1,
+        "disk_xml": None,
+    }
+    body = json.dumps({"attachments": [attachment]}).encode()
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    server = RecordingServer(socket_path, reply)
+    listed = HostagentClient(str(socket_path)).list()
+    server.thread.join(5)
+    server.close()
+    assert server.request_lines == ["GET /v1/attachments HTTP/1.1"]
+    assert listed == [Attachment.model_validate(attachment)]
+    assert isinstance(listed[0], Attachment)
