@@ -3,8 +3,12 @@ released, one rule per test, between recording fakes of libvirt and os-brick."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
+from hostagent.api.models import AttachRequest
 from hostagent.connectors import ConnectorError
 from hostagent.errors import ConnectFailed, DisconnectFailed
 from hostagent.state.store import AttachmentState, ConnectionState
@@ -104,3 +108,29 @@ def test_a_release_after_a_reboot_with_other_users_keeps_the_connection(core: Co
     assert (result.host_refcount, result.terminate_connection) == (1, False)
     assert after.store.get_connection(after.key) is not None
     after.store.close()
+
+
+def test_a_connect_that_produces_a_device_the_host_uses_is_undone(
+    core: Core, loop_device: str, tmp_path: Path
+) -> None:
+    """An iSCSI LUN or krbd map that turns out to be the host's own disk (here:
+    a mounted loop device the recording connector hands out) is disconnected
+    again, 502 connect_failed says why, and nothing is recorded."""
+    subprocess.run(["mkfs.ext4", "-q", loop_device], check=True)
+    point = tmp_path / "mnt"
+    point.mkdir()
+    subprocess.run(["mount", loop_device, str(point)], check=True)
+    try:
+        guest = core.guests.define("g1")
+        body = core.request(guest).model_dump()
+        body["connection_info"]["data"]["device_path"] = loop_device
+        with pytest.raises(
+            ConnectFailed, match=f"used by the host itself: it is mounted at {point}"
+        ):
+            core.service.attach("a1", AttachRequest.model_validate(body))
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+    key = f"local:{loop_device}"
+    assert core.connector.connects == [key] and core.connector.disconnects == [key]
+    assert core.store.list_connections() == [] and core.store.list_attachments() == []
+    assert core.guests.calls == []
