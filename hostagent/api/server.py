@@ -67,6 +67,7 @@ from hostagent.errors import (
     VolumeNotMultiattach,
 )
 from hostagent.observability import logctx
+from hostagent.observability.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
 
@@ -211,12 +212,15 @@ class ApiHandlers:
         openapi: dict[str, Any],
         *,
         views: ReadViews,
+        metrics: Metrics,
+        libvirt_connected: Callable[[], bool],
         connector_host: str,
         connector_my_ip: str | None,
         connector_multipath: bool = False,
         connector_rbd_local_attach: bool = False,
     ) -> None:
-        self.metrics = service.metrics
+        self.metrics = metrics
+        self.libvirt_connected = libvirt_connected
         self.connector_host = connector_host
         self.connector_my_ip = connector_my_ip
         self.connector_multipath = connector_multipath
@@ -316,7 +320,7 @@ class ApiHandlers:
         return model_response(await self._run(self.views.connections))
 
     async def health(self, request: web.Request) -> web.Response:
-        connected = self.service.guests.connected
+        connected = self.libvirt_connected()
         return model_response(
             Health(
                 status="ok" if connected else "degraded",

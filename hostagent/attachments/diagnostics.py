@@ -126,7 +126,7 @@ def _host_use_findings(
     device = identify(path) if path else None
     if path is None or device is None:
         return
-    reasons = host_uses(device, path)
+    reasons = host_uses(device, path, exclusive=False)  # a probe could fail an unmap
     if not reasons:
         return
     for record in records:

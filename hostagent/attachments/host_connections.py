@@ -62,15 +62,21 @@ def _kept_for(record: AttachmentRecord) -> Callable[[int], dict[str, object]]:
     return functools.partial(detach_body, record, released=False)
 
 
+class HostUsesDevice(ConnectorError):
+    """A connect produced a device the host itself uses."""
+
+
 def refuse_a_device_the_host_uses(device: HostDevice) -> None:
     """A connect that produced a device the host itself uses (a LUN that is the
-    host's root disk, a misconfigured target) is undone like a failed one."""
+    host's root disk, a misconfigured target) fails. What it connected is left
+    in place: a session or map the host uses was there before this connect
+    (os-brick reuses it), and tearing it down would take the host's disk."""
     if device.path is None:
         return
     found = identify(device.path)
     reasons = host_uses(found, device.path) if found is not None else []
     if reasons:
-        raise ConnectorError(
+        raise HostUsesDevice(
             f"the device it produced, {device.path}, is used by the host itself: "
             f"{'; '.join(reasons)}"
         )
@@ -159,6 +165,11 @@ class HostConnections:
                     "attachment %s: connect %s failed: %s", record.attachment_id, key, _why(exc)
                 )
                 self.store.forget_attachment(record.attachment_id)
+                if isinstance(exc, HostUsesDevice):
+                    self._forget_unless_used(key, connection)
+                    raise ConnectFailed(
+                        f"connecting {key} failed: {exc}; nothing was disconnected"
+                    ) from None
                 cleaned = self._clean_up_failed_connect(record, connector, target, connection)
                 if isinstance(exc, SecretKeeperFailed):
                     # libvirt failing a connector's secrets: its own error, as it was raised
@@ -202,6 +213,14 @@ class HostConnections:
             return False
         self.store.drop_connection(key)
         return True
+
+    def _forget_unless_used(self, key: str, connection: ConnectionRecord) -> None:
+        """Drop the record of a connection no attachment uses, touching nothing
+        on the host; one with users goes back to its state."""
+        if self.store.refcount(key) == 0 and self.store.mark_disconnecting(key):
+            self.store.drop_connection(key)
+        else:
+            self.store.set_connection_state(key, connection.state, keep_device=True)
 
     def _best_effort_disconnect(
         self, connector: Connector, target: Target, device: HostDevice | None

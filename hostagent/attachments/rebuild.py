@@ -15,6 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from hostagent.connectors import Target
+from hostagent.connectors.local import LocalConnector
 from hostagent.guests.domain_scan import scan_domain_xml
 from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.libvirt_xml.disk import DiskSpec, parse_domain
@@ -64,12 +66,22 @@ def _records(found: FoundDisk, boot_id: str) -> tuple[AttachmentRecord, Connecti
     assert disk.source_dev is not None
     device = os.path.realpath(disk.source_dev)
     now = time.time()
-    key = f"local:{device}"
+    # What a block disk tells is a host device: it is recorded as the local
+    # protocol's, keyed as that protocol keys it (the kernel's name).
+    target = LocalConnector.canonical(
+        Target(
+            driver_volume_type=LocalConnector.driver_volume_type,
+            connection_key=f"local:{device}",
+            properties={"device_path": device},
+            disk_format=disk.driver_type or "raw",
+        )
+    )
+    key = target.connection_key
     connection = ConnectionRecord(
         connection_key=key,
-        driver_volume_type="local",
-        connection_data={"device_path": device},
-        disk_format=disk.driver_type or "raw",
+        driver_volume_type=target.driver_volume_type,
+        connection_data=dict(target.properties),
+        disk_format=target.disk_format,
         state=ConnectionState.CONNECTED,
         boot_id=boot_id,
         created_at=now,

@@ -298,6 +298,8 @@ def run(conf: cfg.ConfigOpts) -> int:
             executor,
             build_openapi(),
             views=ReadViews(store=store, guests=guests, boot_id=boot_id),
+            metrics=metrics,
+            libvirt_connected=lambda: guests.connected,
             connector_host=conf.connector.host,
             connector_my_ip=conf.connector.my_ip,
             connector_multipath=conf.iscsi.use_multipath,

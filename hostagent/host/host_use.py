@@ -9,6 +9,9 @@ another opener holds it exclusively (``O_EXCL`` fails with ``EBUSY``: a
 mounted filesystem, swap, an md/dm member; QEMU does not open that way, so
 guests sharing the device do not trip it).
 
+Devices stacked on it that are the same storage seen another way (a
+multipath map over a path device, kpartx's partition mappings) only count
+when they are mounted or swap; any other (LVM, md, dm-crypt) is the host's.
 A device is known by its device number: every node, link or bind mount of
 it is the same ``BlockDevice``, named by the kernel (``/dev/<kernel name>``).
 """
@@ -18,10 +21,15 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import re
 import stat
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from hostagent.host.holders import device_number
 
 
 @dataclass(frozen=True)
@@ -105,33 +113,37 @@ def stacked_on(names: Iterable[str], view: HostView = HostView()) -> list[str]:
     return found
 
 
+def _lines(path: Path) -> list[str]:
+    """A /proc file's lines; a name that is not UTF-8 (a FUSE mount point, a
+    label) stays as it is, escaped, instead of failing every check."""
+    try:
+        return path.read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return []
+
+
 def _mounts(view: HostView) -> dict[str, list[str]]:
     """major:minor -> mount points, from the daemon's mountinfo."""
     mounts: dict[str, list[str]] = {}
-    try:
-        lines = (view.proc / "self" / "mountinfo").read_text().splitlines()
-    except OSError:
-        return mounts
-    for line in lines:
+    for line in _lines(view.proc / "self" / "mountinfo"):
         fields = line.split()
         if len(fields) > 4:
             mounts.setdefault(fields[2], []).append(_unescape(fields[4]))
     return mounts
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """mountinfo and swaps escape space, tab, newline and backslash as octal."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _swaps(view: HostView) -> set[str]:
     """major:minor of every active swap device."""
     numbers: set[str] = set()
-    try:
-        lines = (view.proc / "swaps").read_text().splitlines()[1:]
-    except OSError:
-        return numbers
-    for line in lines:
+    for line in _lines(view.proc / "swaps")[1:]:
         fields = line.split()
         if not fields:
             continue
@@ -143,32 +155,73 @@ def _swaps(view: HostView) -> set[str]:
 
 def identify_number(path: str) -> str | None:
     """``major:minor`` of a block device node, None if ``path`` is not one."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    number = device_number(path)
+    return None if number is None else f"{os.major(number)}:{os.minor(number)}"
+
+
+# The probe holds an exclusive claim for an instant: two of ours at once would
+# see each other (two PUTs of one multiattach device), so they take turns, and
+# a claim someone else holds for an instant is asked again before it counts.
+_PROBE = threading.Lock()
+_PROBE_TRIES = 3
+_PROBE_PAUSE_SECONDS = 0.02
 
 
 def _held_exclusively(path: str) -> bool:
+    with _PROBE:
+        for attempt in range(_PROBE_TRIES):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    return False
+                if attempt + 1 < _PROBE_TRIES:
+                    time.sleep(_PROBE_PAUSE_SECONDS)
+                continue
+            os.close(fd)
+            return False
+    return True
+
+
+def _same_storage(view: HostView, name: str) -> bool:
+    """A stacked device that is the storage itself seen another way: a
+    multipath map over a path device, or kpartx's partition mapping."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        return exc.errno == errno.EBUSY
-    os.close(fd)
-    return False
+        uuid = (view.sysfs / "class" / "block" / name / "dm" / "uuid").read_text().strip()
+    except OSError:
+        return False
+    return uuid.startswith(("mpath-", "part"))
+
+
+def _kind(view: HostView, name: str) -> str:
+    """What a stacked device is, for a message."""
+    try:
+        uuid = (view.sysfs / "class" / "block" / name / "dm" / "uuid").read_text().strip()
+    except OSError:
+        uuid = ""
+    for prefix, kind in (("LVM-", "an LVM volume"), ("CRYPT-", "a dm-crypt volume")):
+        if uuid.startswith(prefix):
+            return kind
+    return "an md array" if name.startswith("md") else "a device-mapper device"
 
 
 def host_uses(
     device: BlockDevice, node: str, view: HostView = HostView(), *, exclusive: bool = True
 ) -> list[str]:
-    """Why the host itself uses ``device`` (``node`` is a path to it), or []."""
+    """Why the host itself uses ``device`` (``node`` is a path to it), or [].
+
+    ``exclusive``: also probe for an exclusive opener (``O_EXCL``), when nothing
+    is stacked on the device (a stacked device holds it that way itself).
+    """
     own = [device.name, *partitions(device, view)]
-    family = [*own, *stacked_on(own, view)]
+    stacked = stacked_on(own, view)
+    family = [*own, *stacked]
     mounts, swaps = _mounts(view), _swaps(view)
-    reasons: list[str] = []
+    reasons: list[str] = [
+        f"/dev/{name} ({_kind(view, name)}) is built on it"
+        for name in stacked
+        if not _same_storage(view, name)
+    ]
     for name in family:
         number = device.number if name == device.name else _number_of(view, name)
         if number is None:
@@ -178,7 +231,7 @@ def host_uses(
             reasons.append(f"{what} is mounted at {point}")
         if number in swaps:
             reasons.append(f"{what} is active swap")
-    if not reasons and exclusive and _held_exclusively(node):
+    if not reasons and not stacked and exclusive and _held_exclusively(node):
         reasons.append(
             "another user holds it exclusively (a filesystem, swap, or an md/dm/LVM member)"
         )

@@ -106,24 +106,33 @@ def test_the_device_holding_root_is_refused() -> None:
 
 
 def _recorded_sysfs(tmp_path: Path, mountinfo: str = "", swaps: str = "") -> HostView:
-    """A recorded sysfs tree: loop7 with partitions loop7p1, loop7p2, and dm-0
-    (an LVM volume) stacked on loop7p2, with a mountinfo and swaps to match."""
+    """A recorded sysfs tree: loop7 with partitions loop7p1 and loop7p2, and an
+    LVM volume dm-0 on loop7p2; sdc, a path device under the multipath map dm-1,
+    on which kpartx made the partition mapping dm-2; a mountinfo and swaps."""
     sysfs, proc = tmp_path / "sys", tmp_path / "proc"
     block = sysfs / "class" / "block"
-    for name, number in (
-        ("loop7", "7:7"),
-        ("loop7p1", "259:1"),
-        ("loop7p2", "259:2"),
-        ("dm-0", "253:0"),
-    ):
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    devices = {
+        "loop7": ("7:7", None),
+        "loop7p1": ("259:1", None),
+        "loop7p2": ("259:2", None),
+        "dm-0": ("253:0", "LVM-Zx9aVg0lv0"),
+        "sdc": ("8:32", None),
+        "dm-1": ("253:1", "mpath-3600140512345"),
+        "dm-2": ("253:2", "part1-mpath-3600140512345"),
+    }
+    for name, (number, dm_uuid) in devices.items():
         (block / name / "holders").mkdir(parents=True)
         (block / name / "dev").write_text(number + "\n")
-        (sysfs / "dev" / "block").mkdir(parents=True, exist_ok=True)
+        if dm_uuid is not None:
+            (block / name / "dm").mkdir()
+            (block / name / "dm" / "uuid").write_text(dm_uuid + "\n")
         os.symlink(f"../../class/block/{name}", sysfs / "dev" / "block" / number)
     for part in ("loop7p1", "loop7p2"):
         os.symlink(f"../{part}", block / "loop7" / part)
         (block / part / "partition").write_text("1\n")
-    os.symlink("../../dm-0", block / "loop7p2" / "holders" / "dm-0")
+    for lower, upper in (("loop7p2", "dm-0"), ("sdc", "dm-1"), ("dm-1", "dm-2")):
+        os.symlink(f"../../{upper}", block / lower / "holders" / upper)
     (proc / "self").mkdir(parents=True)
     (proc / "self" / "mountinfo").write_text(mountinfo)
     (proc / "swaps").write_text("Filename Type Size Used Priority\n" + swaps)
@@ -131,37 +140,68 @@ def _recorded_sysfs(tmp_path: Path, mountinfo: str = "", swaps: str = "") -> Hos
 
 
 RECORDED_LOOP7 = BlockDevice(7, 7, "loop7")
+RECORDED_SDC = BlockDevice(8, 32, "sdc")
+LVM_ON_IT = "/dev/dm-0 (an LVM volume) is built on it"
+
+
+def uses(device: BlockDevice, view: HostView) -> list[str]:
+    return host_uses(device, "/nonexistent", view, exclusive=False)
 
 
 def test_recorded_sysfs_partitions_and_stacked_devices(tmp_path: Path) -> None:
     view = _recorded_sysfs(tmp_path)
     assert partitions(RECORDED_LOOP7, view) == ["loop7p1", "loop7p2"]
     assert stacked_on(["loop7", "loop7p1", "loop7p2"], view) == ["dm-0"]
-    assert host_uses(RECORDED_LOOP7, "/nonexistent", view, exclusive=False) == []
+    assert stacked_on(["sdc"], view) == ["dm-1", "dm-2"]
+
+
+def test_recorded_sysfs_an_lvm_volume_on_a_partition_refuses_the_disk_not_a_sibling(
+    tmp_path: Path,
+) -> None:
+    view = _recorded_sysfs(tmp_path)
+    assert uses(RECORDED_LOOP7, view) == [LVM_ON_IT]
+    assert uses(BlockDevice(259, 2, "loop7p2"), view) == [LVM_ON_IT]
+    assert uses(BlockDevice(259, 1, "loop7p1"), view) == []
 
 
 def test_recorded_sysfs_a_mounted_partition_refuses_the_whole_disk(tmp_path: Path) -> None:
     view = _recorded_sysfs(tmp_path, mountinfo="61 27 259:1 / /srv rw - ext4 /dev/loop7p1 rw\n")
-    assert host_uses(RECORDED_LOOP7, "/nonexistent", view, exclusive=False) == [
-        "/dev/loop7p1 on it is mounted at /srv"
-    ]
-    # the unmounted sibling partition is free
-    sibling = BlockDevice(259, 2, "loop7p2")
-    assert host_uses(sibling, "/nonexistent", view, exclusive=False) == []
+    assert uses(RECORDED_LOOP7, view) == [LVM_ON_IT, "/dev/loop7p1 on it is mounted at /srv"]
+    assert uses(BlockDevice(259, 1, "loop7p1"), view) == ["it is mounted at /srv"]
 
 
-def test_recorded_sysfs_a_mounted_lvm_volume_on_a_partition_refuses_the_disk(
+def test_recorded_sysfs_a_mounted_lvm_volume_is_named_with_its_mount_point(
     tmp_path: Path,
 ) -> None:
     view = _recorded_sysfs(
         tmp_path, mountinfo="62 27 253:0 / /var/lib/x\\040y rw - xfs /dev/dm-0 rw\n"
     )
-    assert host_uses(RECORDED_LOOP7, "/nonexistent", view, exclusive=False) == [
-        "/dev/dm-0 on it is mounted at /var/lib/x y"
+    assert uses(BlockDevice(259, 2, "loop7p2"), view) == [
+        LVM_ON_IT,
+        "/dev/dm-0 on it is mounted at /var/lib/x y",
     ]
-    assert host_uses(BlockDevice(259, 2, "loop7p2"), "/x", view, exclusive=False) == [
-        "/dev/dm-0 on it is mounted at /var/lib/x y"
-    ]
+
+
+def test_recorded_sysfs_multipath_and_kpartx_maps_are_the_storage_itself(
+    tmp_path: Path,
+) -> None:
+    """A multipath map over a path device and kpartx's partition mappings hold
+    it exclusively, but they are the same storage: only a mount counts."""
+    assert uses(RECORDED_SDC, _recorded_sysfs(tmp_path / "a")) == []
+    mounted = _recorded_sysfs(
+        tmp_path / "b", mountinfo="63 27 253:2 / /data rw - ext4 /dev/dm-2 rw\n"
+    )
+    assert uses(RECORDED_SDC, mounted) == ["/dev/dm-2 on it is mounted at /data"]
+    assert uses(BlockDevice(253, 1, "dm-1"), mounted) == ["/dev/dm-2 on it is mounted at /data"]
+
+
+def test_recorded_proc_a_mount_point_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    view = _recorded_sysfs(tmp_path)
+    (tmp_path / "proc" / "self" / "mountinfo").write_bytes(
+        b"64 27 7:7 / /media/caf\xe9 rw - vfat /dev/loop7 rw\n"
+    )
+    [reason] = uses(RECORDED_LOOP7, view)[1:]
+    assert reason.startswith("it is mounted at /media/caf")
 
 
 def test_allow_list_matches_the_resolved_path_kernel_name_and_by_id_links(
