@@ -19,6 +19,7 @@ from hostagent.api.models import (
     ConnectorProperties,
     DetachResult,
     DoctorReport,
+    ExtendResult,
     Health,
     LibvirtView,
     ReconcileReport,
@@ -110,6 +111,13 @@ class HostagentClient:
     def detach(self, attachment_id: str) -> DetachResult:
         _, data = self.request("DELETE", f"/v1/attachments/{_quoted(attachment_id)}")
         return DetachResult.model_validate(data)
+
+    def extend(self, attachment_id: str, new_size: int | None = None) -> ExtendResult:
+        """Make the host and every running guest using the volume see its new size."""
+        body = {} if new_size is None else {"new_size": new_size}
+        path = f"/v1/attachments/{_quoted(attachment_id)}/extend"
+        _, data = self.request("POST", path, body)
+        return ExtendResult.model_validate(data)
 
     def get(self, attachment_id: str) -> Attachment:
         _, data = self.request("GET", f"/v1/attachments/{_quoted(attachment_id)}")

@@ -163,7 +163,13 @@ def build_core(
         boot_id=settings.boot_id,
         metrics=metrics,
     )
-    disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=metrics)
+    disks = GuestDisks(
+        guests=guests,
+        store=store,
+        locks=locks,
+        metrics=metrics,
+        disk_discard=settings.disk_discard,
+    )
     service = AttachmentService(
         store=store,
         guests=guests,
@@ -276,6 +282,7 @@ def run(conf: cfg.ConfigOpts) -> int:
                 detach_timeout=conf.detach_timeout,
                 detach_retry_interval=conf.libvirt.detach_retry_interval,
                 boot_id=boot_id,
+                disk_discard=conf.disk_discard,
             ),
             metrics=metrics,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
