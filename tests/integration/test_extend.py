@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from hostagent.api.models import AttachRequest
-from hostagent.client import ApiError
 from hostagent.attachments.extend import VolumeExtender
 from hostagent.attachments.service import AttachmentService
+from hostagent.client import ApiError
 from hostagent.connectors import HostDevice, Target
 from hostagent.connectors.local import LocalConnector
 from hostagent.errors import DeviceNotExtended, InvalidRequest
