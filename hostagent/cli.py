@@ -163,8 +163,10 @@ _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 def parse_size(text: str) -> int:
     """Bytes, or a number with K, M, G or T (binary units: 2G is 2 GiB)."""
     number, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
-    if number[-1:] in _SIZE_UNITS:
+    if number[-1:].isalpha():
         number, unit = number[:-1], number[-1]
+    if unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the units are K, M, G and T")
     if not number.isdigit() or int(number) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2147483648 or 2G")
     return int(number) * _SIZE_UNITS[unit]

@@ -7,9 +7,11 @@ by alias, to exactly the size the host sees (QEMU refuses to grow a disk past
 its device, so the host goes first). Nothing is recorded: a repeat after a
 crash refreshes again (harmless) and resizes the guests not yet at size.
 
-Concurrent calls for attachments of one connection wait for the lock; a
-refresh that started after a call arrived already saw what that call asks
-for, so the call uses it instead of refreshing again.
+Concurrent calls for attachments of one connection wait for the lock; one
+that finds a refresh finished after it arrived uses that refresh's size
+instead of refreshing again: a caller grows the storage before it calls, so
+calls in flight together are for the same growth (a ``new_size`` the size
+does not reach still refreshes again).
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Refresh:
-    """One host refresh of a connection: when it started (in arrival order) and
-    the size it found."""
+    """One host refresh of a connection: when it finished (in the order calls
+    arrive) and the size it found."""
 
-    started: int
+    finished: int
     size: int
 
 
@@ -110,18 +112,16 @@ class VolumeExtender:
 
     def _refresh(self, key: str, new_size: int | None, arrived: int) -> int:
         """The size the host sees, refreshed by the connector unless a refresh
-        that started after this call arrived found enough already."""
+        that finished while this call waited found enough already."""
         with self._mutex:
             done = self._refreshed.get(key)
-        covers = done is not None and done.started > arrived
-        if done is not None and covers and (new_size is None or done.size >= new_size):
+        fresh = done is not None and done.finished > arrived
+        if done is not None and fresh and (new_size is None or done.size >= new_size):
             return done.size
         connection = self.store.get_connection(key)
         if connection is None or connection.state is not ConnectionState.CONNECTED:
             raise ExtendFailed(f"{key} is not connected; nothing was changed")
         target, device = HostConnections.target_of(connection)
-        with self._mutex:
-            started = next(self._ticket)
         try:
             size = self.registry.get(connection.driver_volume_type).extend(
                 target, device, new_size
@@ -133,7 +133,7 @@ class VolumeExtender:
                 f"refreshing {key} on the host failed: {exc}; no guest was resized"
             ) from None
         with self._mutex:
-            self._refreshed[key] = _Refresh(started, size)
+            self._refreshed[key] = _Refresh(next(self._ticket), size)
         return size
 
     def _running_disks(self, key: str) -> list[_GuestDisk]:
