@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,44 @@ def cmd_detach(client: HostagentClient, args: argparse.Namespace) -> int:
     return 0
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or a number with K, M, G or T (binary units: 2G is 2 GiB)."""
+    number, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
+    if number[-1:].isalpha():
+        number, unit = number[:-1], number[-1]
+    if unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the units are K, M, G and T")
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2147483648 or 2G")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def cmd_extend(client: HostagentClient, args: argparse.Namespace) -> int:
+    body = {} if args.new_size is None else {"new_size": args.new_size}
+    _, result = client.request("POST", attachment_path(args.attachment_id, "/extend"), body)
+    lines = [f"{result['connection_key']}: the host sees {result['device_size']} bytes"]
+    lines += [
+        f"  {g['domain_name']} ({g['attachment_id']}): {g['size']} bytes, "
+        f"{'resized' if g['resized'] else 'already at size'}"
+        for g in result["guests"]
+    ]
+    _print(result, args.json, "\n".join(lines))
+    return 0
+
+
+def _extend_command(read_command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    extend = read_command("extend", "the volume grew: make the host and every guest see it")
+    extend.add_argument("attachment_id")
+    extend.add_argument(
+        "--new-size",
+        type=parse_size,
+        help="the new size (bytes, or 2G); required for rbd volumes QEMU opens itself",
+    )
+
+
 def cmd_show(client: HostagentClient, args: argparse.Namespace) -> int:
     attachment = _get(client, attachment_path(args.attachment_id))
     connection = next(
@@ -313,6 +351,8 @@ def _parser() -> argparse.ArgumentParser:
     detach = read_command("detach", "detach; prints terminate_connection")
     detach.add_argument("attachment_id")
 
+    _extend_command(read_command)
+
     show = read_command("show", "an attachment, its host connection and its disk in libvirt")
     show.add_argument("attachment_id")
     read_command("doctor", "records vs libvirt vs host devices; exit 1 on any disagreement")
@@ -347,6 +387,7 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "reconcile": cmd_reconcile,
     "connector": cmd_connector,
+    "extend": cmd_extend,
 }
 
 

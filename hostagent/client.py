@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         ConnectorProperties,
         DetachResult,
         DoctorReport,
+        ExtendResult,
         Health,
         LibvirtView,
         ReconcileReport,
@@ -128,6 +129,14 @@ class HostagentClient:
 
         _, data = self.request("DELETE", attachment_path(attachment_id))
         return DetachResult.model_validate(data)
+
+    def extend(self, attachment_id: str, new_size: int | None = None) -> ExtendResult:
+        """Make the host and every running guest using the volume see its new size."""
+        from hostagent.api.models import ExtendResult
+
+        body = {} if new_size is None else {"new_size": new_size}
+        _, data = self.request("POST", attachment_path(attachment_id, "/extend"), body)
+        return ExtendResult.model_validate(data)
 
     def get(self, attachment_id: str) -> Attachment:
         from hostagent.api.models import Attachment

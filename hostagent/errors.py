@@ -50,6 +50,19 @@ class TargetDevInUse(HostagentError):
     status, code = 409, "target_dev_in_use"
 
 
+class DeviceNotExtended(HostagentError):
+    """The host device is smaller than the extend's new_size: the storage was not
+    extended yet; nothing was changed."""
+
+    status, code = 409, "device_not_extended"
+
+
+class ExtendFailed(HostagentError):
+    """os-brick or libvirt refused an extend; the message names the guests resized before."""
+
+    status, code = 502, "extend_failed"
+
+
 class ConnectFailed(HostagentError):
     status, code = 502, "connect_failed"
 

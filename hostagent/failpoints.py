@@ -29,6 +29,7 @@ POINTS = (
     "detach.after_removal",  # removal confirmed, not yet recorded
     "detach.after_mark_disconnecting",  # connection recorded disconnecting
     "detach.after_disconnect",  # os-brick disconnected, not yet recorded
+    "extend.after_host_refresh",  # the host sees the new size, no guest resized yet
 )
 
 

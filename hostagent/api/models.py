@@ -74,6 +74,39 @@ class Attachment(BaseModel):
     device_path: str | None = Field(description="host block device; null for network disks")
     host_refcount: int = Field(description="attachments now using this host connection")
     disk_xml: str | None
+    iotune: dict[str, int] = Field(
+        default_factory=dict, description="the I/O limits applied to this disk (empty: none)"
+    )
+
+
+class ExtendRequest(BaseModel):
+    """Body of ``POST /v1/attachments/{attachment_id}/extend``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    new_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="bytes; optional where the host device shows the size, required for "
+        "network disks",
+    )
+
+
+class ExtendedGuest(BaseModel):
+    """One running guest of the host connection after an extend."""
+
+    attachment_id: str
+    domain_name: str
+    size: int = Field(description="the disk's size in the guest now, in bytes")
+    resized: bool = Field(description="this call resized it (false: it was at size already)")
+
+
+class ExtendResult(BaseModel):
+    """Body of a completed extend: every running guest using the host connection."""
+
+    connection_key: str
+    device_size: int = Field(description="the size the host sees now, in bytes")
+    guests: list[ExtendedGuest]
 
 
 class AttachmentList(BaseModel):

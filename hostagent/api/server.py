@@ -36,6 +36,8 @@ from hostagent.api.models import (
     DoctorReport,
     ErrorBody,
     ErrorDetail,
+    ExtendRequest,
+    ExtendResult,
     Health,
     LibvirtView,
     ReconcileReport,
@@ -43,6 +45,7 @@ from hostagent.api.models import (
 )
 from hostagent.api.peer_auth import PeerPolicy, peer_auth_middleware
 from hostagent.api.views import ReadViews
+from hostagent.attachments.extend import VolumeExtender
 from hostagent.attachments.reconcile import Reconciler
 from hostagent.attachments.service import AttachmentService
 from hostagent.errors import (
@@ -51,8 +54,10 @@ from hostagent.errors import (
     AttachmentNotFound,
     ConnectFailed,
     DetachTimeout,
+    DeviceNotExtended,
     DisconnectFailed,
     DomainNotFound,
+    ExtendFailed,
     Forbidden,
     HostagentError,
     InvalidRequest,
@@ -218,9 +223,11 @@ class ApiHandlers:
         connector_my_ip: str | None,
         connector_multipath: bool = False,
         connector_rbd_local_attach: bool = False,
+        extender: VolumeExtender,
     ) -> None:
         self.metrics = metrics
         self.libvirt_connected = libvirt_connected
+        self.extender = extender
         self.connector_host = connector_host
         self.connector_my_ip = connector_my_ip
         self.connector_multipath = connector_multipath
@@ -282,6 +289,18 @@ class ApiHandlers:
             self.metrics.result("detach", exc.code)
             raise
         self.metrics.result("detach", "detached")
+        return model_response(result)
+
+    async def extend_attachment(self, request: web.Request) -> web.Response:
+        attachment_id = self._attachment_id(request)
+        body = await self._body(request, ExtendRequest)
+        try:
+            result = await self._run(self.extender.extend, attachment_id, body.new_size)
+        except HostagentError as exc:
+            self.metrics.result("extend", exc.code)
+            raise
+        resized = any(guest.resized for guest in result.guests)
+        self.metrics.result("extend", "resized" if resized else "unchanged")
         return model_response(result)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
@@ -379,6 +398,21 @@ ROUTES: tuple[Route, ...] = (
         "One attachment not yet detached",
         responses={200: Attachment},
         errors=(InvalidRequest, AttachmentNotFound),
+    ),
+    Route(
+        "POST",
+        "/v1/attachments/{attachment_id}/extend",
+        ApiHandlers.extend_attachment,
+        "Make the host and every running guest using the connection see the grown volume",
+        request=ExtendRequest,
+        responses={200: ExtendResult},
+        errors=(
+            InvalidRequest,
+            AttachmentNotFound,
+            DeviceNotExtended,
+            ExtendFailed,
+            LibvirtUnavailable,
+        ),
     ),
     Route(
         "GET",

@@ -15,7 +15,7 @@ from hostagent.api.models import (
 from hostagent.attachments.diagnostics import diagnose
 from hostagent.errors import AttachmentNotFound
 from hostagent.guests.domains import Guests
-from hostagent.libvirt_xml.disk import disk_fragment
+from hostagent.libvirt_xml.disk import DiskSpec, disk_fragment
 from hostagent.state.store import AttachmentRecord, Store
 
 
@@ -24,6 +24,12 @@ def iso_utc(epoch: float | None) -> str | None:
         return None
     moment = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def stored_iotune(disk_xml: str | None) -> dict[str, int]:
+    """The I/O limits of the disk as the agent made it (its stored XML)."""
+    iotune = DiskSpec.from_xml(disk_xml).iotune if disk_xml is not None else None
+    return iotune.limits() if iotune is not None else {}
 
 
 def attachment_view(store: Store, record: AttachmentRecord) -> Attachment:
@@ -44,6 +50,7 @@ def attachment_view(store: Store, record: AttachmentRecord) -> Attachment:
         device_path=connection.device_path if connection else None,
         host_refcount=store.refcount(record.connection_key),
         disk_xml=record.disk_xml,
+        iotune=stored_iotune(record.disk_xml),
     )
 
 

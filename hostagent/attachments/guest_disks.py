@@ -5,9 +5,11 @@ exists, and hand the disk to libvirt for the live domain and its config."""
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from hostagent import failpoints
 from hostagent.api.models import AttachRequest
+from hostagent.attachments.qos import iotune_from_qos_specs
 from hostagent.attachments.render import disk_source
 from hostagent.connectors import HostDevice, Target
 from hostagent.errors import LibvirtError, TargetDevInUse
@@ -30,6 +32,14 @@ LOG = logging.getLogger(__name__)
 VIRTIO_SCSI = "virtio-scsi"
 _PLACEMENT_ATTEMPTS = 16
 _HIDDEN_DEVICE_MARKERS = ("lun already used", "Duplicate nodes with node-name")
+# [DEFAULT] disk_discard: pass a guest's discards on when connection_info allows them
+DISCARD_POLICIES: Final = ("unmap", "ignore")
+
+
+def wants_discard(request: AttachRequest, disk_discard: str) -> bool:
+    """Cinder says the volume takes discards (``discard: true``, as its RBD
+    driver does) and the host's ``disk_discard`` lets them through."""
+    return request.connection_info.data.get("discard") is True and disk_discard == "unmap"
 
 
 def validate_disk_rules(request: AttachRequest, target: Target) -> None:
@@ -46,6 +56,7 @@ def validate_disk_rules(request: AttachRequest, target: Target) -> None:
             bus=request.bus,
             target_dev=request.target_dev or first_free_target_dev(request.bus, ()),
             address=DriveAddress(0, 0, 0, 0) if request.bus == "scsi" else None,
+            iotune=iotune_from_qos_specs(request.connection_info.data.get("qos_specs")),
         )
     )
 
@@ -98,8 +109,19 @@ class GuestDisks:
     """Builds and attaches the disk of an attachment on its domain."""
 
     def __init__(
-        self, *, guests: Guests, store: Store, locks: HostLocks, metrics: Metrics
+        self,
+        *,
+        guests: Guests,
+        store: Store,
+        locks: HostLocks,
+        metrics: Metrics,
+        disk_discard: str = "unmap",
     ) -> None:
+        if disk_discard not in DISCARD_POLICIES:
+            raise ValueError(
+                f"disk_discard must be one of {DISCARD_POLICIES}, not {disk_discard!r}"
+            )
+        self.disk_discard = disk_discard
         self.guests = guests
         self.store = store
         self.locks = locks
@@ -247,6 +269,8 @@ class GuestDisks:
                 bus=record.bus,
                 target_dev=target_dev,
                 address=address,
+                iotune=iotune_from_qos_specs(request.connection_info.data.get("qos_specs")),
+                discard=wants_discard(request, self.disk_discard),
             )
         )
         disk_xml = disk.to_xml()

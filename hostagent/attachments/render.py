@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from hostagent import connectors
 from hostagent.api.models import ConnectionInfo, describe_validation_error
+from hostagent.attachments.qos import iotune_from_qos_specs
 from hostagent.connectors import (
     BlockDiskSource,
     ConnectorRegistry,
@@ -100,6 +101,9 @@ def render_disk_xml(
             disk_format=target.disk_format,
             target_dev=dev,
             address=address,
+            iotune=iotune_from_qos_specs(info.data.get("qos_specs")),
+            # as with [DEFAULT] disk_discard at its default, unmap
+            discard=info.data.get("discard") is True,
         )
         return build_disk(request).to_xml()
     except ValidationError as exc:

@@ -53,6 +53,7 @@ class ServiceSettings:
     detach_timeout: float = 20.0
     detach_retry_interval: float = 5.0
     boot_id: str = ""
+    disk_discard: str = "unmap"  # [DEFAULT] disk_discard
 
 
 def request_hash(domain_uuid: str, request: AttachRequest) -> str:

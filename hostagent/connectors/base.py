@@ -11,6 +11,9 @@ of libvirt's XML: ``attachments/render.py`` maps a ``DiskSource`` onto it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -96,6 +99,22 @@ def named_block_device(target: Target) -> BlockDiskSource | None:
     return BlockDiskSource(path) if isinstance(path, str) else None
 
 
+# linux/fs.h: _IOR(0x12, 114, size_t), the size of a block device in bytes
+BLKGETSIZE64 = 0x80081272
+
+
+def block_device_size(path: str) -> int:
+    """The size the kernel gives the block device at ``path`` now (BLKGETSIZE64);
+    raise OSError if it cannot be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = fcntl.ioctl(fd, BLKGETSIZE64, bytes(8))
+    finally:
+        os.close(fd)
+    size: int = struct.unpack("@Q", raw)[0]
+    return size
+
+
 @dataclass(frozen=True)
 class ConnectorSettings:
     """What the config says about protocols."""
@@ -145,6 +164,13 @@ class Connector(Protocol):
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
         """Release the host connection; raise ConnectorError if it could not."""
+        ...
+
+    def extend(self, target: Target, device: HostDevice, new_size: int | None) -> int:
+        """Make the host see the volume's grown size (os-brick's extend_volume)
+        and return it in bytes. ``new_size`` is the caller's word for it; a
+        protocol with no host device to read (librbd) needs it (InvalidTarget
+        without). Raise ConnectorError if the host could not be refreshed."""
         ...
 
     # What a guest's disk names depends on the target and device alone, not on

@@ -29,6 +29,7 @@ from hostagent.connectors.base import (
     InvalidTarget,
     SecretKeeper,
     Target,
+    block_device_size,
     connected_block_device,
     named_block_device,
     os_brick_errors,
@@ -215,6 +216,20 @@ class ISCSIConnector:
             self._brick.disconnect_volume(
                 dict(target.properties), dict(device.device_info), force=False
             )
+
+    def extend(self, target: Target, device: HostDevice, new_size: int | None) -> int:
+        """Rescan every path of the LUN (and resize its multipath map) with
+        os-brick's extend_volume; the size it reports, else the device's."""
+        with os_brick_errors(f"iSCSI rescan of {target.connection_key}", target.properties):
+            size = self._brick.extend_volume(dict(target.properties))
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        if device.path is None:
+            raise ConnectorError(f"iSCSI {target.connection_key}: no device to read the size of")
+        try:
+            return block_device_size(device.path)
+        except OSError as exc:
+            raise ConnectorError(f"reading the size of {device.path}: {exc}") from exc
 
     @staticmethod
     def canonical(target: Target) -> Target:

@@ -26,6 +26,7 @@ from hostagent.connectors.base import (
     InvalidTarget,
     SecretKeeper,
     Target,
+    block_device_size,
     connected_block_device,
     os_brick_errors,
 )
@@ -117,6 +118,15 @@ class LocalConnector:
     def disconnect(self, target: Target, device: HostDevice) -> None:
         with os_brick_errors(f"releasing local device {device.path}", target.properties):
             self._brick.disconnect_volume(dict(target.properties), dict(device.device_info))
+
+    def extend(self, target: Target, device: HostDevice, new_size: int | None) -> int:
+        """The device's size now: a local device grows by its owner's hand
+        (``losetup -c``, an LV resize), there is nothing to rescan."""
+        path = device.path or str(target.properties["device_path"])
+        try:
+            return block_device_size(path)
+        except OSError as exc:
+            raise ConnectorError(f"reading the size of local device {path}: {exc}") from exc
 
     @staticmethod
     def disk_source(target: Target, device: HostDevice) -> BlockDiskSource | None:

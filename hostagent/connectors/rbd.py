@@ -220,6 +220,22 @@ class RBDConnector:
             with secret_keeper_errors():
                 self._keeper().undefine_secret(agent_secret_uuid(target))
 
+    def extend(self, target: Target, device: HostDevice, new_size: int | None) -> int:
+        """krbd: os-brick's extend_volume reads the mapped device's new size.
+        librbd: nothing on the host, QEMU's own librbd sees the image; the
+        caller's ``new_size`` is the size (required). The recorded mode decides."""
+        if device.device_info.get("mode", self.attach_mode) == "krbd":
+            with os_brick_errors(f"rbd refresh of {target.connection_key}", target.properties):
+                size = self._krbd().extend_volume(dict(target.properties))
+            if not isinstance(size, int) or isinstance(size, bool):
+                raise ConnectorError(f"rbd refresh of {target.connection_key} gave no size")
+            return size
+        if new_size is None:
+            raise InvalidTarget(
+                "new_size is required to extend an rbd volume QEMU opens itself (librbd)"
+            )
+        return new_size
+
     @staticmethod
     def canonical(target: Target) -> Target:
         return target

@@ -42,6 +42,14 @@ DEFAULT_OPTS = [
         help="Where this host's boot id is read (recorded with every connection; a new "
         "one at start means the host rebooted).",
     ),
+    cfg.StrOpt(
+        "disk-discard",
+        default="unmap",
+        choices=("unmap", "ignore"),
+        help="Guest discards (TRIM/UNMAP) on volumes whose connection_info says "
+        "discard: true: 'unmap' passes them to the storage (discard='unmap', like nova's "
+        "hw_disk_discard), 'ignore' drops them.",
+    ),
 ]
 
 CLI_ONLY_OPTS = [

@@ -28,6 +28,7 @@ from hostagent.api.openapi import build_openapi
 from hostagent.api.peer_auth import PeerPolicy
 from hostagent.api.server import ApiHandlers, make_app
 from hostagent.api.views import ReadViews
+from hostagent.attachments.extend import VolumeExtender
 from hostagent.attachments.guest_disks import GuestDisks
 from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.rebuild import rebuild_state, unrecorded_disks
@@ -163,7 +164,13 @@ def build_core(
         boot_id=settings.boot_id,
         metrics=metrics,
     )
-    disks = GuestDisks(guests=guests, store=store, locks=locks, metrics=metrics)
+    disks = GuestDisks(
+        guests=guests,
+        store=store,
+        locks=locks,
+        metrics=metrics,
+        disk_discard=settings.disk_discard,
+    )
     service = AttachmentService(
         store=store,
         guests=guests,
@@ -277,6 +284,7 @@ def run(conf: cfg.ConfigOpts) -> int:
                 detach_timeout=conf.detach_timeout,
                 detach_retry_interval=conf.libvirt.detach_retry_interval,
                 boot_id=boot_id,
+                disk_discard=conf.disk_discard,
             ),
             metrics=metrics,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
@@ -300,6 +308,13 @@ def run(conf: cfg.ConfigOpts) -> int:
             views=ReadViews(store=store, guests=guests, boot_id=boot_id),
             metrics=metrics,
             libvirt_connected=lambda: guests.connected,
+            extender=VolumeExtender(
+                store=store,
+                guests=guests,
+                registry=registry,
+                locks=service.locks,
+                connections=service.connections,
+            ),
             connector_host=conf.connector.host,
             connector_my_ip=conf.connector.my_ip,
             connector_multipath=conf.iscsi.use_multipath,

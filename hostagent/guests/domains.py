@@ -18,8 +18,9 @@ from typing import Any
 
 import libvirt
 
-from hostagent.errors import DomainNotFound
+from hostagent.errors import DomainNotFound, LibvirtError
 from hostagent.guests.session import LibvirtSession
+from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.secret import SecretSpec
 
 LOG = logging.getLogger(__name__)
@@ -274,6 +275,36 @@ class Guests:
         self.session.on_domain(
             domain_uuid, f"detach {alias} from", lambda dom: dom.detachDeviceAlias(alias, flags)
         )
+
+    # block size: libvirt names a disk by its target, we by its alias
+
+    @staticmethod
+    def _live_target(dom: Any, alias: str) -> str | None:
+        disk = next((d for d in parse_disk_refs(dom.XMLDesc(0)).disks if d.alias == alias), None)
+        return disk.target_dev if disk is not None else None
+
+    def disk_size(self, domain_uuid: str, alias: str) -> int | None:
+        """The size in bytes QEMU gives the running domain's disk ``alias``
+        (virDomainGetBlockInfo's capacity); None if it has no such disk."""
+
+        def run(dom: Any) -> int | None:
+            target = self._live_target(dom, alias)
+            return None if target is None else int(dom.blockInfo(target, 0)[0])
+
+        size: int | None = self.session.on_domain(domain_uuid, f"size of {alias} in", run)
+        return size
+
+    def block_resize(self, domain_uuid: str, alias: str, size: int) -> None:
+        """Grow the running domain's disk ``alias`` to exactly ``size`` bytes
+        (virDomainBlockResize with VIR_DOMAIN_BLOCK_RESIZE_BYTES)."""
+
+        def run(dom: Any) -> None:
+            target = self._live_target(dom, alias)
+            if target is None:
+                raise LibvirtError(f"no disk {alias} in the running domain")
+            dom.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+        self.session.on_domain(domain_uuid, f"resize {alias} in", run)
 
     # secrets (connectors.SecretKeeper): the cephx keys QEMU's librbd reads
 

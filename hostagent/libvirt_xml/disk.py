@@ -19,6 +19,7 @@ from hostagent.libvirt_xml.xmlmodel import (
     children,
     flag,
     int_attr,
+    int_text,
     parse_xml,
     text,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "DomainDevices",
     "DomainDiskRefs",
     "DriveAddress",
+    "IoTune",
     "SourceHost",
     "disk_fragment",
     "parse_disk_refs",
@@ -60,6 +62,54 @@ class SourceHost(XmlModel):
 
 
 @dataclass(frozen=True)
+class IoTune(XmlModel):
+    """``<iotune>``: QEMU's I/O limits of one guest disk, each in bytes or
+    operations per second (``_max``: the burst, ``_max_length``: its seconds)."""
+
+    XML_ROOT = "iotune"
+
+    total_bytes_sec: int | None = field(default=None, metadata=int_text("./total_bytes_sec"))
+    read_bytes_sec: int | None = field(default=None, metadata=int_text("./read_bytes_sec"))
+    write_bytes_sec: int | None = field(default=None, metadata=int_text("./write_bytes_sec"))
+    total_iops_sec: int | None = field(default=None, metadata=int_text("./total_iops_sec"))
+    read_iops_sec: int | None = field(default=None, metadata=int_text("./read_iops_sec"))
+    write_iops_sec: int | None = field(default=None, metadata=int_text("./write_iops_sec"))
+    total_bytes_sec_max: int | None = field(
+        default=None, metadata=int_text("./total_bytes_sec_max")
+    )
+    read_bytes_sec_max: int | None = field(default=None, metadata=int_text("./read_bytes_sec_max"))
+    write_bytes_sec_max: int | None = field(
+        default=None, metadata=int_text("./write_bytes_sec_max")
+    )
+    total_iops_sec_max: int | None = field(default=None, metadata=int_text("./total_iops_sec_max"))
+    read_iops_sec_max: int | None = field(default=None, metadata=int_text("./read_iops_sec_max"))
+    write_iops_sec_max: int | None = field(default=None, metadata=int_text("./write_iops_sec_max"))
+    total_bytes_sec_max_length: int | None = field(
+        default=None, metadata=int_text("./total_bytes_sec_max_length")
+    )
+    read_bytes_sec_max_length: int | None = field(
+        default=None, metadata=int_text("./read_bytes_sec_max_length")
+    )
+    write_bytes_sec_max_length: int | None = field(
+        default=None, metadata=int_text("./write_bytes_sec_max_length")
+    )
+    total_iops_sec_max_length: int | None = field(
+        default=None, metadata=int_text("./total_iops_sec_max_length")
+    )
+    read_iops_sec_max_length: int | None = field(
+        default=None, metadata=int_text("./read_iops_sec_max_length")
+    )
+    write_iops_sec_max_length: int | None = field(
+        default=None, metadata=int_text("./write_iops_sec_max_length")
+    )
+    size_iops_sec: int | None = field(default=None, metadata=int_text("./size_iops_sec"))
+
+    def limits(self) -> dict[str, int]:
+        """The limits that are set, by libvirt's (and Cinder's) name."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
 class DiskSpec(XmlModel):
     """One ``<disk>`` element: what we attach, or what a live domain already has."""
 
@@ -71,6 +121,7 @@ class DiskSpec(XmlModel):
     driver_type: str | None = field(default=None, metadata=attr("./driver/@type"))
     driver_cache: str | None = field(default=None, metadata=attr("./driver/@cache"))
     driver_io: str | None = field(default=None, metadata=attr("./driver/@io"))
+    driver_discard: str | None = field(default=None, metadata=attr("./driver/@discard"))
     source_dev: str | None = field(default=None, metadata=attr("./source/@dev"))
     source_file: str | None = field(default=None, metadata=attr("./source/@file"))
     source_protocol: str | None = field(default=None, metadata=attr("./source/@protocol"))
@@ -87,6 +138,7 @@ class DiskSpec(XmlModel):
     readonly: bool = field(default=False, metadata=flag("./readonly"))
     shareable: bool = field(default=False, metadata=flag("./shareable"))
     serial: str | None = field(default=None, metadata=text("./serial"))
+    iotune: IoTune | None = field(default=None, metadata=child("./iotune", IoTune))
     alias: str | None = field(default=None, metadata=attr("./alias/@name"))
     # A virtio disk's <address type='pci'> is not a drive address and reads as None.
     address: DriveAddress | None = field(

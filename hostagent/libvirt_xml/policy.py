@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
-from hostagent.libvirt_xml.disk import DiskSpec, DriveAddress, SourceHost
+from hostagent.libvirt_xml.disk import DiskSpec, DriveAddress, IoTune, SourceHost
 
 __all__ = [
     "BUS_TARGET_PREFIX",
@@ -61,6 +61,8 @@ class DiskRequest:
     disk_format: str  # 'raw', 'qcow2', ...
     target_dev: str
     address: DriveAddress | None  # required for bus scsi, must be None for virtio
+    iotune: IoTune | None = None  # the guest disk's own I/O limits
+    discard: bool = False  # pass the guest's discards (TRIM/UNMAP) to the storage
 
 
 # Guest device name prefix per bus; placement.py names devices from the same table.
@@ -75,6 +77,12 @@ USER_ALIAS_PREFIX: Final = "ua-"
 _ALIAS_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 # libvirt's RNG (diskSerial) and QEMU accept only these characters in a serial.
 _SERIAL_RE = re.compile(r"[A-Za-z0-9_.+\- ]+")
+# QEMU (and libvirt's schema) take a total limit or read/write ones, never both.
+_IOTUNE_GROUPS: Final = tuple(
+    f"{{}}_{kind}_sec{suffix}"
+    for suffix in ("", "_max", "_max_length")
+    for kind in ("bytes", "iops")
+)
 
 
 def user_alias(attachment_id: str) -> str:
@@ -93,12 +101,15 @@ def build_disk(request: DiskRequest) -> DiskSpec:
     _check_format(request.disk_format, request.multiattach)
     _check_bus_placement(request.bus, request.target_dev, request.address)
     _check_serial(request.serial)
+    _check_iotune(request.iotune)
     common = DiskSpec(
         disk_type="block",
         driver_name="qemu",
         driver_type=request.disk_format,
         # No host page cache: required for shared disks and for io='native'.
         driver_cache="none",
+        driver_discard="unmap" if request.discard else None,
+        iotune=request.iotune if request.iotune and request.iotune.limits() else None,
         target_dev=request.target_dev,
         target_bus=request.bus,
         readonly=request.mode == "ro",
@@ -144,6 +155,16 @@ def _check_format(disk_format: str, multiattach: bool) -> None:
         raise DiskPolicyError(
             f"disk format must be one of {', '.join(FORMATS)}, not {disk_format!r}"
         )
+
+
+def _check_iotune(iotune: IoTune | None) -> None:
+    limits = iotune.limits() if iotune is not None else {}
+    for group in _IOTUNE_GROUPS:
+        total, split = group.format("total"), [group.format(w) for w in ("read", "write")]
+        if total in limits and any(name in limits for name in split):
+            raise DiskPolicyError(
+                f"I/O limits: {total} cannot be combined with {' or '.join(split)}"
+            )
 
 
 def _check_serial(serial: str) -> None:

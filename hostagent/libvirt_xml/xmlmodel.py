@@ -30,6 +30,7 @@ __all__ = [
     "from_element",
     "from_xml",
     "int_attr",
+    "int_text",
     "parse_xml",
     "text",
     "to_element",
@@ -49,6 +50,7 @@ class Kind(enum.Enum):
     ATTR = "attribute (str)"
     INT_ATTR = "attribute (int)"
     TEXT = "element text"
+    INT_TEXT = "element text (int)"
     FLAG = "element presence (bool)"
     CHILD = "optional nested model"
     CHILDREN = "repeated nested model"
@@ -108,6 +110,11 @@ def int_attr(xpath: str) -> Mapping[str, XmlField]:
 def text(xpath: str) -> Mapping[str, XmlField]:
     """The text of an element, e.g. ``./serial``."""
     return {_METADATA_KEY: XmlField(xpath, Kind.TEXT)}
+
+
+def int_text(xpath: str) -> Mapping[str, XmlField]:
+    """The text of an element as an ``int``, e.g. ``./total_bytes_sec``."""
+    return {_METADATA_KEY: XmlField(xpath, Kind.INT_TEXT)}
 
 
 def flag(xpath: str) -> Mapping[str, XmlField]:
@@ -251,6 +258,8 @@ def _write(binding: _Binding, value: object, element: etree._Element) -> None:
         _find_or_create(element, steps).set(binding.attribute, str(value))
     elif kind is Kind.TEXT and isinstance(value, str):
         _find_or_create(element, steps).text = value
+    elif kind is Kind.INT_TEXT and type(value) is int:
+        _find_or_create(element, steps).text = str(value)
     elif kind is Kind.FLAG and value is True:
         _find_or_create(element, steps)
     elif kind is Kind.CHILD and isinstance(value, XmlModel):
@@ -320,6 +329,8 @@ def _read(binding: _Binding, element: etree._Element) -> object:
         raise XmlModelError(f"{binding.spec.xpath!r} does not select an element")
     if kind is Kind.TEXT:
         return first.text or ""
+    if kind is Kind.INT_TEXT:
+        return _as_int(binding, first.text or "")
     if kind is Kind.CHILD and model is not None:
         return _read_fields(model, first)
     return True  # Kind.FLAG: the element exists
@@ -328,6 +339,10 @@ def _read(binding: _Binding, element: etree._Element) -> object:
 def _read_attribute(binding: _Binding, value: str) -> str | int:
     if binding.spec.kind is Kind.ATTR:
         return value
+    return _as_int(binding, value)
+
+
+def _as_int(binding: _Binding, value: str) -> int:
     try:
         return int(value)
     except ValueError:

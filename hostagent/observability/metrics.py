@@ -28,7 +28,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.results = Counter(
             "hostagent_operations",
-            "Attach and detach requests by result (created, exists, detached, or error code)",
+            "Attach, detach and extend requests by result (created, exists, detached, "
+            "resized, unchanged, or error code)",
             ["operation", "result"],
             registry=self.registry,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ class RecordingGuests(Guests):
         self.refuse_attach: str | None = None
         self.crash_on_attach: Literal["before", "after"] | None = None
         self._domains: dict[str, _Domain] = {}
+        # The size QEMU gives each live disk, by (domain UUID, alias); a disk
+        # attached live starts at ``disk_size_at_attach``.
+        self.disk_sizes: dict[tuple[str, str], int] = {}
+        self.disk_size_at_attach = 1 << 30
+        self.refuse_resize: set[str] = set()  # aliases whose blockResize libvirt refuses
 
     # setting the scene
 
@@ -122,6 +128,20 @@ class RecordingGuests(Guests):
         if self.crash_on_attach == "after":
             raise SimulatedCrash
 
+    def disk_size(self, domain_uuid: str, alias: str) -> int | None:
+        state = self._state(domain_uuid)
+        if state.live is None or _find(state.live, alias) is None:
+            return None
+        return self.disk_sizes.get((domain_uuid, alias), self.disk_size_at_attach)
+
+    def block_resize(self, domain_uuid: str, alias: str, size: int) -> None:
+        self.calls.append(("resize", alias, True, False))
+        if alias in self.refuse_resize:
+            raise LibvirtError(f"resizing {alias}: refused")
+        if self.disk_size(domain_uuid, alias) is None:
+            raise LibvirtError(f"no disk {alias} in the running domain")
+        self.disk_sizes[domain_uuid, alias] = size
+
     def detach_alias(self, domain_uuid: str, alias: str, *, live: bool, config: bool) -> None:
         self.calls.append(("detach", alias, live, config))
         state = self._state(domain_uuid)
@@ -168,7 +188,8 @@ def _describe(xml: str) -> str:
 
 class RecordingConnector:
     """Recording fake of an os-brick connector for ``local``: any path is a
-    device; ``connects`` and ``disconnects`` list the connection keys asked."""
+    device; ``connects``, ``disconnects`` and ``extends`` list the connection
+    keys asked; an extend finds the device at ``device_size`` bytes."""
 
     driver_volume_type: ClassVar[str] = "local"
 
@@ -177,6 +198,10 @@ class RecordingConnector:
     ) -> None:
         self.connects: list[str] = []
         self.disconnects: list[str] = []
+        self.extends: list[str] = []
+        self.device_size = 1 << 30
+        self.extend_error: Exception | None = None
+        self.extend_gate: threading.Event | None = None  # an extend waits for it
         self.connect_error = connect_error
         self.disconnect_error = disconnect_error
 
@@ -216,6 +241,14 @@ class RecordingConnector:
     @staticmethod
     def offline_disk_source(target: Target) -> DiskSource:
         return LocalConnector.offline_disk_source(target)
+
+    def extend(self, target: Target, device: HostDevice, new_size: int | None) -> int:
+        self.extends.append(target.connection_key)
+        if self.extend_gate is not None:
+            self.extend_gate.wait(5)
+        if self.extend_error is not None:
+            raise self.extend_error
+        return self.device_size
 
     def disconnect(self, target: Target, device: HostDevice) -> None:
         self.disconnects.append(target.connection_key)

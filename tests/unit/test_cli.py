@@ -3,6 +3,7 @@ they import (a read command must not pay for os-brick or pydantic)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hostagent.cli import main
+from hostagent.cli import main, parse_size
 
 REPO = Path(__file__).parents[2]
 
@@ -265,3 +266,12 @@ def test_an_attach_body_the_api_would_refuse_is_named_before_sending(
     assert code == 2
     assert capsys.readouterr().err.startswith("hostagentctl: volume_id: String should match")
     assert daemon.request_lines == []
+
+
+def test_sizes_take_binary_units() -> None:
+    assert parse_size("2147483648") == 2 << 30
+    assert parse_size("2G") == parse_size("2GiB") == 2 << 30
+    assert parse_size("512m") == 512 << 20
+    for bad in ("", "G", "-1", "0", "1.5G", "2X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)

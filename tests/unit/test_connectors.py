@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def test_local_connect_and_disconnect_through_os_brick(loop_device: str) -> None
     assert connector.disk_source(target, device) == BlockDiskSource(loop_device)
     assert connector.offline_disk_source(target) == BlockDiskSource(loop_device)
     connector.disconnect(target, device)
+
+
+def test_local_extend_reads_the_device_size_the_kernel_has_now(
+    loop_device: str, tmp_path: Path
+) -> None:
+    connector = LocalConnector()
+    target = connector.parse_target({"device_path": loop_device})
+    device = connector.connect(target)
+    assert connector.extend(target, device, None) == 1024 * 1024
+    os.truncate(tmp_path / "backing.img", 3 * 1024 * 1024)
+    assert connector.extend(target, device, None) == 1024 * 1024, "not told yet"
+    subprocess.run(["losetup", "-c", loop_device], check=True)
+    assert connector.extend(target, device, 4096) == 3 * 1024 * 1024

@@ -47,6 +47,21 @@ class RecordingBrickISCSI:
             raise self.fail_with
 
 
+class RecordingBrickISCSIExtend(RecordingBrickISCSI):
+    """Also records os-brick's ``extend_volume`` (the rescan of every path and
+    the multipath map resize), answering ``reports`` as it would."""
+
+    def __init__(self, reports: int | None, fail_with: Exception | None = None) -> None:
+        super().__init__(fail_with)
+        self.reports = reports
+
+    def extend_volume(self, properties: dict[str, Any]) -> int | None:
+        self.calls.append(("extend", properties, {}))
+        if self.fail_with:
+            raise self.fail_with
+        return self.reports
+
+
 def single(**extra: Any) -> dict[str, Any]:
     return {"target_portal": "192.0.2.5:3260", "target_iqn": IQN, "target_lun": 1, **extra}
 
@@ -201,3 +216,31 @@ def test_shared_targets_take_os_bricks_lock(tmp_path: Path) -> None:
     with connector.guard(plain):
         pass
     assert not (tmp_path / "os-brick-svc-2").exists()
+
+
+def test_extend_is_os_bricks_extend_volume_on_the_connection_properties() -> None:
+    brick = RecordingBrickISCSIExtend(reports=2 << 30)
+    connector = ISCSIConnector(use_multipath=True, brick=brick)
+    target = connector.parse_target(
+        single(auth_method="CHAP", auth_username="u", auth_password=PASSWORD)
+    )
+    device = HostDevice(path="/dev/mapper/36001405", device_info={"multipath_id": "36001405"})
+    assert connector.extend(target, device, None) == 2 << 30
+    assert brick.calls == [("extend", dict(target.properties), {})]
+
+
+def test_extend_reads_the_device_when_os_brick_reports_no_size(loop_device: str) -> None:
+    connector = ISCSIConnector(brick=RecordingBrickISCSIExtend(reports=None))
+    target = connector.parse_target(single())
+    assert connector.extend(target, HostDevice(loop_device, {}), None) == 1024 * 1024
+
+
+def test_a_failed_rescan_is_a_connector_error_without_the_chap_secret() -> None:
+    brick = RecordingBrickISCSIExtend(None, RuntimeError(f"rescan with {PASSWORD} failed"))
+    connector = ISCSIConnector(brick=brick)
+    target = connector.parse_target(
+        single(auth_method="CHAP", auth_username="u", auth_password=PASSWORD)
+    )
+    with pytest.raises(ConnectorError, match="iSCSI rescan of iscsi:") as failed:
+        connector.extend(target, HostDevice("/dev/sdb", {}), None)
+    assert PASSWORD not in str(failed.value)

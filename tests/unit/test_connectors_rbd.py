@@ -95,6 +95,13 @@ class RecordingBrickRBD:
         if self.failure is not None:
             raise self.failure
 
+    def extend_volume(self, properties: dict[str, Any]) -> int:
+        """os-brick reads the mapped device's size from sysfs."""
+        self.calls.append(("extend", properties))
+        if self.failure is not None:
+            raise self.failure
+        return 5 << 30
+
 
 def cinder_data(**extra: Any) -> dict[str, Any]:
     """Cinder's RBD connection_info data."""
@@ -465,3 +472,24 @@ def test_key_parsing() -> None:
         cephx_key({"key": base64.b64encode(b"short").decode()})
     with pytest.raises(ValueError, match="attach_mode"):
         RBDConnector(attach_mode="nbd")
+
+
+def test_krbd_extend_is_os_bricks_refresh_of_the_mapped_device() -> None:
+    brick = RecordingBrickRBD()
+    krbd = RBDConnector(attach_mode="krbd", brick=brick)
+    target = krbd.parse_target(cinder_data(key=KEY))
+    device = krbd.connect(target)
+    assert krbd.extend(target, device, None) == 5 << 30
+    assert [call for call, _ in brick.calls] == ["map", "extend"]
+
+
+def test_librbd_extend_touches_nothing_and_needs_the_new_size() -> None:
+    keeper = RecordingSecretKeeper()
+    connector = RBDConnector(secrets=keeper)
+    target = connector.parse_target(cinder_data(key=KEY))
+    device = connector.connect(target)
+    calls = list(keeper.calls)
+    assert connector.extend(target, device, 3 << 30) == 3 << 30
+    with pytest.raises(InvalidTarget, match="new_size is required"):
+        connector.extend(target, device, None)
+    assert keeper.calls == calls

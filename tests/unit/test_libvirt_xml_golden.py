@@ -26,6 +26,7 @@ from hostagent.libvirt_xml.disk import (
     DiskSpec,
     DomainDevices,
     DriveAddress,
+    IoTune,
     SourceHost,
     parse_domain,
 )
@@ -36,7 +37,15 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "xml"
 REGENERATE = os.environ.get("HOSTAGENT_REGEN_GOLDEN") == "1"
 DOMAIN_RNG = Path("/usr/share/libvirt/schemas/domain.rng")
 SECRET_RNG = Path("/usr/share/libvirt/schemas/secret.rng")
-MAPPED_MODELS = (DiskSpec, DriveAddress, SourceHost, ControllerSpec, DomainDevices, SecretSpec)
+MAPPED_MODELS = (
+    DiskSpec,
+    DriveAddress,
+    SourceHost,
+    IoTune,
+    ControllerSpec,
+    DomainDevices,
+    SecretSpec,
+)
 
 
 def case_names(prefix: str, suffix: str) -> list[str]:
@@ -61,6 +70,10 @@ def hosts_from_json(data: list[dict[str, Any]]) -> tuple[SourceHost, ...]:
     return tuple(SourceHost(**host) for host in data)
 
 
+def iotune_from_json(data: dict[str, int] | None) -> IoTune | None:
+    return None if data is None else IoTune(**data)
+
+
 def request_from_json(data: dict[str, Any]) -> DiskRequest:
     (kind, source), *_ = data.pop("source").items()
     if kind == "block":
@@ -68,12 +81,14 @@ def request_from_json(data: dict[str, Any]) -> DiskRequest:
     else:
         source_value = NetworkSource(**(source | {"hosts": hosts_from_json(source["hosts"])}))
     address = address_from_json(data.pop("address"))
-    return DiskRequest(source=source_value, address=address, **data)
+    iotune = iotune_from_json(data.pop("iotune", None))
+    return DiskRequest(source=source_value, address=address, iotune=iotune, **data)
 
 
 def spec_from_json(data: dict[str, Any]) -> DiskSpec:
     data["address"] = address_from_json(data.get("address"))
     data["source_hosts"] = hosts_from_json(data.get("source_hosts", []))
+    data["iotune"] = iotune_from_json(data.get("iotune"))
     return DiskSpec(**data)
 
 
