@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.client import ApiError
+from hostagent.client import ApiError, HostagentClient
 from tests.conftest import DaemonFactory
-from tests.integration.support import Guests, LoopDevices, local_request, unique
+from tests.integration.support import Daemon, Guest, Guests, LoopDevices, local_request, unique
 
 SECRETS = {
     "auth_password": "chap-Pa55word-1",
@@ -31,13 +31,10 @@ def with_secrets(device: str, guest: object, volume_id: str, **extra: object) ->
     return body
 
 
+@pytest.mark.daemon_options(debug="")
 def test_secrets_never_reach_logs_responses_or_state(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, guest: Guest, device: str
 ) -> None:
-    daemon = daemon_factory(debug="")
-    client = daemon.client
-    guest = guests.make()
-    device = loops.make()
     attachment_id = unique("att")
     attached, _ = client.attach(
         attachment_id, with_secrets(device, guest, "vol-sec", multiattach=True)
@@ -70,12 +67,8 @@ def test_secrets_never_reach_logs_responses_or_state(
 
 
 def test_every_line_of_a_request_carries_its_attachment_and_volume(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, guests: Guests, guest: Guest, device: str
 ) -> None:
-    daemon = daemon_factory()
-    client = daemon.client
-    guest = guests.make()
-    device = loops.make()
     ids = [unique("att"), unique("att")]
     for attachment_id in ids:
         client.attach(
