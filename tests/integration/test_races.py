@@ -231,7 +231,7 @@ def test_reconcile_releases_for_real_a_connection_reconnected_since_its_listing(
 
 
 def test_a_retried_delete_waits_for_the_unplug_qemu_refuses_to_repeat(
-    service: AttachmentService,
+    tmp_path: Path,
     host_guests: HostGuests,
     guests: Guests,
     loops: LoopDevices,
@@ -241,6 +241,8 @@ def test_a_retried_delete_waits_for_the_unplug_qemu_refuses_to_repeat(
     to repeat it ("already in the process of unplug"; this machine's accepts
     the repeat, so a recording fake gives that answer): the retried DELETE
     must wait for the guest again (504), not report libvirt's refusal (502)."""
+    # Both detaches wait out the whole timeout: 2 s each is enough to tell.
+    service = service_with(LocalConnector(), tmp_path, host_guests, detach_timeout=2)
     guest, device = guests.make(), loops.make()
     attachment_id = attach(service, device, guest, bus="virtio")
     with pytest.raises(DetachTimeout):
@@ -254,3 +256,4 @@ def test_a_retried_delete_waits_for_the_unplug_qemu_refuses_to_repeat(
         service.detach(attachment_id)
     record = service.store.get_attachment(attachment_id)
     assert record is not None and record.state.value == "detaching"
+    service.store.close()
