@@ -15,15 +15,24 @@ from typing import Any
 import libvirt
 import pytest
 
+from hostagent.client import HostagentClient
 from hostagent.guests.domains import Guests as HostGuests
 from tests.integration.support import (
     LIBVIRT_URI,
     Daemon,
+    Guest,
     Guests,
     LoopDevices,
     ReconnectingConnection,
     remove_stale_guests,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "daemon_options(**options): hostagentd options for the test's `daemon` fixture",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -101,8 +110,29 @@ def daemon_factory(short_dir: Path) -> Iterator[DaemonFactory]:
 
 
 @pytest.fixture
-def daemon(daemon_factory: DaemonFactory) -> Daemon:
-    return daemon_factory()
+def daemon(daemon_factory: DaemonFactory, request: pytest.FixtureRequest) -> Daemon:
+    """hostagentd with the test defaults and the options of the test's
+    ``daemon_options`` mark, e.g. ``@pytest.mark.daemon_options(debug="")``."""
+    mark = request.node.get_closest_marker("daemon_options")
+    return daemon_factory(**(mark.kwargs if mark else {}))
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> HostagentClient:
+    """A client of the test's ``daemon``."""
+    return daemon.client
+
+
+@pytest.fixture
+def device(loops: LoopDevices) -> str:
+    """One loop device (16 MiB)."""
+    return loops.make()
+
+
+@pytest.fixture
+def guest(guests: Guests) -> Guest:
+    """One running transient guest."""
+    return guests.make()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ with the documented result; terminate_connection came exactly once.
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,8 @@ from hostagent.client import ApiError
 from tests.conftest import DaemonFactory
 from tests.integration.support import (
     Daemon,
+    Guest,
     Guests,
-    LoopDevices,
     assert_consistent,
     local_request,
     unique,
@@ -47,10 +48,27 @@ DETACH_CASES = [
 ]
 
 
+def crash_cases(cases: list[tuple[str, int, str]]) -> pytest.MarkDecorator:
+    """Parametrize over (failpoint, nth, what), each case named ``<failpoint>-<nth>``."""
+    return pytest.mark.parametrize(
+        ("failpoint", "nth", "what"), cases, ids=[f"{p}-{n}" for p, n, _ in cases]
+    )
+
+
+@pytest.fixture
 def crashing_daemon(daemon_factory: DaemonFactory, failpoint: str, nth: int) -> Daemon:
+    """hostagentd that SIGKILLs itself the ``nth`` time it reaches ``failpoint``."""
     return daemon_factory(
         **{"reconcile.interval": "0"}, _env={"HOSTAGENT_FAILPOINTS": f"{failpoint}:{nth}"}
     )
+
+
+def shared_volume(device: str, domains: list[Guest]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Fresh attachment ids and multiattach PUT bodies of one new volume on
+    ``device``, one of each per guest."""
+    volume = unique("vol")
+    bodies = [local_request(device, g, volume_id=volume, multiattach=True) for g in domains]
+    return [unique("att") for _ in domains], bodies
 
 
 def expect_kill(daemon: Daemon, request: object) -> None:
@@ -65,24 +83,13 @@ def restart_clean(daemon: Daemon) -> None:
     daemon.start()
 
 
-@pytest.mark.parametrize(
-    ("failpoint", "nth", "what"), ATTACH_CASES, ids=[f"{p}-{n}" for p, n, _ in ATTACH_CASES]
-)
+@crash_cases(ATTACH_CASES)
 def test_crash_during_attach(
-    daemon_factory: DaemonFactory,
-    guests: Guests,
-    loops: LoopDevices,
-    failpoint: str,
-    nth: int,
-    what: str,
+    crashing_daemon: Daemon, device: str, guests: Guests, failpoint: str, nth: int, what: str
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, failpoint, nth)
-    client = daemon.client
-    device = loops.make()
+    daemon, client = crashing_daemon, crashing_daemon.client
     trio = [guests.make(), guests.make(persistent=True)]
-    volume = unique("vol")
-    ids = [unique("att") for _ in trio]
-    bodies = [local_request(device, g, volume_id=volume, multiattach=True) for g in trio]
+    ids, bodies = shared_volume(device, trio)
     if nth == 2:
         client.attach(ids[0], bodies[0])
     crashed = nth - 1
@@ -103,27 +110,15 @@ def test_crash_during_attach(
     assert_consistent(client, trio)
 
 
-@pytest.mark.parametrize(
-    ("failpoint", "nth", "what"), DETACH_CASES, ids=[f"{p}-{n}" for p, n, _ in DETACH_CASES]
-)
+@crash_cases(DETACH_CASES)
 def test_crash_during_detach(
-    daemon_factory: DaemonFactory,
-    guests: Guests,
-    loops: LoopDevices,
-    failpoint: str,
-    nth: int,
-    what: str,
+    crashing_daemon: Daemon, device: str, guests: Guests, failpoint: str, nth: int, what: str
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, failpoint, nth)
-    client = daemon.client
-    device = loops.make()
+    daemon, client = crashing_daemon, crashing_daemon.client
     pair = [guests.make(persistent=True), guests.make()]
-    volume = unique("vol")
-    ids = [unique("att") for _ in pair]
-    for attachment_id, guest in zip(ids, pair, strict=True):
-        client.attach(
-            attachment_id, local_request(device, guest, volume_id=volume, multiattach=True)
-        )
+    ids, bodies = shared_volume(device, pair)
+    for attachment_id, body in zip(ids, bodies, strict=True):
+        client.attach(attachment_id, body)
     last_user_crashes = "shared" not in what
     if last_user_crashes:
         first = client.detach(ids[0])

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from hostagent.client import ApiError
+from hostagent.client import ApiError, HostagentClient
 from tests.conftest import DaemonFactory
 from tests.faults.test_chaos import Load, finish, make_world
 from tests.integration.support import (
-    Daemon,
+    Guest,
     Guests,
     LoopDevices,
     assert_consistent,
@@ -90,11 +90,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     reason="stops and starts libvirtd by hand; not on a systemd host",
 )
 def test_requests_get_503_while_libvirtd_is_down_then_work_again(
-    daemon: Daemon, guests: Guests, loops: LoopDevices
+    client: HostagentClient, guest: Guest, device: str
 ) -> None:
-    client = daemon.client
-    guest = guests.make()
-    device = loops.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v", multiattach=True))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from hostagent.client import ApiError
+from hostagent.client import ApiError, HostagentClient
 from tests.conftest import DaemonFactory
 from tests.integration.support import (
     Daemon,
@@ -119,11 +119,8 @@ def test_corrupt_state_file_is_refused_and_nothing_is_served(
 
 
 def test_missing_state_with_agent_disks_in_guests_is_said_loudly_and_can_be_rebuilt(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, device: str, guests: Guests
 ) -> None:
-    daemon = daemon_factory()
-    client = daemon.client
-    device = loops.make()
     guest, other = guests.make(), guests.make(persistent=True)
     first, second = unique("att"), unique("att")
     client.attach(
@@ -164,9 +161,8 @@ def test_missing_state_with_agent_disks_in_guests_is_said_loudly_and_can_be_rebu
 
 
 def test_rebuild_leaves_alone_a_ua_disk_on_a_bus_the_agent_never_uses(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, guests: Guests, loops: LoopDevices
 ) -> None:
-    daemon = daemon_factory()
     guest = guests.make(persistent=True)
     sata = (
         "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"

@@ -6,10 +6,19 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from hostagent.api.models import DetachResult
 from hostagent.client import ApiError, HostagentClient
-from tests.conftest import DaemonFactory
-from tests.integration.support import Guests, LoopDevices, hand_made_disk, local_request, unique
+from tests.integration.support import (
+    Daemon,
+    Guest,
+    Guests,
+    LoopDevices,
+    hand_made_disk,
+    local_request,
+    unique,
+)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -24,11 +33,11 @@ def attached_ids(client: HostagentClient) -> set[str]:
     return {a.attachment_id for a in client.list()}
 
 
+# The periodic sweep is off: the lifecycle event alone must do it.
+@pytest.mark.daemon_options(**{"reconcile.interval": "0"})
 def test_destroyed_transient_guest_releases_its_attachments(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    client: HostagentClient, guests: Guests, loops: LoopDevices
 ) -> None:
-    # The periodic sweep is off: the lifecycle event alone must do it.
-    client = daemon_factory(**{"reconcile.interval": "0"}).client
     device, own_device = loops.make(), loops.make()
     doomed, survivor = guests.make(), guests.make()
     shared_doomed, shared_survivor, alone = unique("att"), unique("att"), unique("att")
@@ -52,11 +61,10 @@ def test_destroyed_transient_guest_releases_its_attachments(
     assert client.detach(shared_survivor).terminate_connection is True
 
 
+@pytest.mark.daemon_options(**{"reconcile.interval": "0"})
 def test_undefined_persistent_guest_releases_but_a_stopped_one_keeps(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guests: Guests
 ) -> None:
-    client = daemon_factory(**{"reconcile.interval": "0"}).client
-    device = loops.make()
     guest = guests.make(persistent=True)
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
@@ -72,13 +80,12 @@ def test_undefined_persistent_guest_releases_but_a_stopped_one_keeps(
     assert client.detach(attachment_id).terminate_connection is True
 
 
+@pytest.mark.daemon_options(**{"detach-timeout": "30", "reconcile.interval": "0"})
 def test_guest_destroyed_while_its_detach_waits(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    client: HostagentClient, guest: Guest, device: str
 ) -> None:
-    client = daemon_factory(**{"detach-timeout": "30", "reconcile.interval": "0"}).client
-    guest = guests.make()
     attachment_id = unique("att")
-    client.attach(attachment_id, local_request(loops.make(), guest, volume_id="v", bus="virtio"))
+    client.attach(attachment_id, local_request(device, guest, volume_id="v", bus="virtio"))
     outcome: dict[str, object] = {}
 
     def detach() -> None:
@@ -105,13 +112,10 @@ def test_guest_destroyed_while_its_detach_waits(
 
 
 def test_guest_gone_while_the_daemon_was_down_is_released_at_start(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, device: str, guest: Guest
 ) -> None:
-    daemon = daemon_factory()
-    client = daemon.client
-    guest = guests.make()
     attachment_id = unique("att")
-    client.attach(attachment_id, local_request(loops.make(), guest, volume_id="v"))
+    client.attach(attachment_id, local_request(device, guest, volume_id="v"))
     daemon.kill()
     guest.dom.destroy()
     daemon.start()
@@ -121,14 +125,12 @@ def test_guest_gone_while_the_daemon_was_down_is_released_at_start(
     assert "released" in daemon.log()
 
 
+@pytest.mark.daemon_options(**{"reconcile.interval": "1"})
 def test_periodic_reconcile_is_the_safety_net(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, device: str, guests: Guests
 ) -> None:
     """No event tells the agent that a hand-added disk went away: the periodic
     sweep notices and releases the connection it was keeping for it."""
-    daemon = daemon_factory(**{"reconcile.interval": "1"})
-    client = daemon.client
-    device = loops.make()
     ours, theirs = guests.make(), guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, ours, volume_id="v", multiattach=True))

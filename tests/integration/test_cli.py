@@ -29,34 +29,13 @@ def test_attach_list_connections_detach_through_the_cli(
     attachment_id = unique("att")
     sock = daemon.socket_path
 
-    attached = ctl(
-        "attach",
-        attachment_id,
-        "--volume-id",
-        "vol-cli",
-        "--domain",
-        guest.name,
-        "--local-device",
-        device,
-        "--multiattach",
-        socket=sock,
-    )
+    attach = ["attach", attachment_id, "--volume-id", "vol-cli", "--domain", guest.name]
+    attach += ["--local-device", device, "--multiattach"]
+    attached = ctl(*attach, socket=sock)
     assert attached.returncode == 0, attached.stderr
     assert f"attached: {attachment_id} -> {guest.name} sda" in attached.stdout
 
-    again = ctl(
-        "attach",
-        attachment_id,
-        "--volume-id",
-        "vol-cli",
-        "--domain",
-        guest.name,
-        "--local-device",
-        device,
-        "--multiattach",
-        "--json",
-        socket=sock,
-    )
+    again = ctl(*attach, "--json", socket=sock)
     assert again.returncode == 0
     assert json.loads(again.stdout)["state"] == "attached"
 

@@ -12,19 +12,16 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from hostagent.client import ApiError
-from tests.conftest import DaemonFactory
-from tests.integration.support import Guests, LoopDevices, hand_made_disk, local_request, unique
+from hostagent.client import ApiError, HostagentClient
+from tests.integration.support import Daemon, Guest, Guests, hand_made_disk, local_request, unique
 
 
+@pytest.mark.daemon_options(**{"detach-timeout": "2"})
 def test_guest_that_never_releases_gets_504_and_keeps_the_connection(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guests: Guests
 ) -> None:
     # virtio-blk unplug is a PCIe hot-unplug: it needs the guest OS to agree,
     # and a firmware-only guest never does.
-    daemon = daemon_factory(**{"detach-timeout": "2"})
-    client = daemon.client
-    device = loops.make()
     stuck, other = guests.make(), guests.make()
     stuck_id, other_id = unique("att"), unique("att")
     volume = unique("vol")
@@ -68,11 +65,8 @@ def test_guest_that_never_releases_gets_504_and_keeps_the_connection(
 
 
 def test_disk_added_by_hand_keeps_the_host_connection(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guests: Guests
 ) -> None:
-    daemon = daemon_factory()
-    client = daemon.client
-    device = loops.make()
     ours, theirs = guests.make(), guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, ours, volume_id="v", multiattach=True))
@@ -123,14 +117,10 @@ def hold_open(device: str, *, seconds: float) -> Iterator[subprocess.Popen[str]]
 
 
 def test_a_process_holding_the_device_keeps_the_host_connection(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, device: str, guest: Guest
 ) -> None:
     """No domain names the device, yet a process has it open (as a QEMU left
     with a disk libvirt lost track of would): the last detach keeps it."""
-    daemon = daemon_factory()
-    client = daemon.client
-    device = loops.make()
-    guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
     with hold_open(device, seconds=120) as holder:
@@ -145,15 +135,11 @@ def test_a_process_holding_the_device_keeps_the_host_connection(
 
 
 def test_a_brief_open_of_the_device_does_not_keep_the_connection(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guest: Guest
 ) -> None:
     """udev probes a device right after QEMU closes it (blkid, from its inotify
     watch): a holder that lets go within the grace is not a user, and the last
     detach still reports terminate_connection."""
-    daemon = daemon_factory()
-    client = daemon.client
-    device = loops.make()
-    guest = guests.make()
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, guest, volume_id="v"))
     with hold_open(device, seconds=0.5):
@@ -163,12 +149,9 @@ def test_a_brief_open_of_the_device_does_not_keep_the_connection(
 
 
 def test_persistent_config_reference_also_keeps_the_connection(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, libvirt_conn: object
+    client: HostagentClient, device: str, guests: Guests, libvirt_conn: object
 ) -> None:
     """A shut-off persistent guest whose config names the device counts too."""
-    daemon = daemon_factory()
-    client = daemon.client
-    device = loops.make()
     ours, theirs = guests.make(), guests.make(persistent=True)
     attachment_id = unique("att")
     client.attach(attachment_id, local_request(device, ours, volume_id="v"))
@@ -182,14 +165,12 @@ def test_persistent_config_reference_also_keeps_the_connection(
     assert (result.host_disconnected, result.terminate_connection) == (False, False)
 
 
+@pytest.mark.daemon_options(**{"detach-timeout": "3"})
 def test_sigterm_finishes_requests_in_flight_and_exits_zero(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, device: str, guest: Guest
 ) -> None:
-    daemon = daemon_factory(**{"detach-timeout": "3"})
-    client = daemon.client
-    guest = guests.make()
     attachment_id = unique("att")
-    client.attach(attachment_id, local_request(loops.make(), guest, volume_id="v", bus="virtio"))
+    client.attach(attachment_id, local_request(device, guest, volume_id="v", bus="virtio"))
     outcome: dict[str, object] = {}
 
     def slow_detach() -> None:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hostagent.client import ApiError
+from hostagent.client import ApiError, HostagentClient
 from tests.conftest import DaemonFactory
-from tests.integration.support import Guests, LoopDevices, local_request, unique
+from tests.integration.support import Daemon, Guest, Guests, LoopDevices, local_request, unique
 
 SECRETS = {
     "auth_password": "chap-Pa55word-1",
@@ -31,13 +33,10 @@ def with_secrets(device: str, guest: object, volume_id: str, **extra: object) ->
     return body
 
 
+@pytest.mark.daemon_options(debug="")
 def test_secrets_never_reach_logs_responses_or_state(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, guest: Guest, device: str
 ) -> None:
-    daemon = daemon_factory(debug="")
-    client = daemon.client
-    guest = guests.make()
-    device = loops.make()
     attachment_id = unique("att")
     attached, _ = client.attach(
         attachment_id, with_secrets(device, guest, "vol-sec", multiattach=True)
@@ -70,12 +69,8 @@ def test_secrets_never_reach_logs_responses_or_state(
 
 
 def test_every_line_of_a_request_carries_its_attachment_and_volume(
-    daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, guests: Guests, guest: Guest, device: str
 ) -> None:
-    daemon = daemon_factory()
-    client = daemon.client
-    guest = guests.make()
-    device = loops.make()
     ids = [unique("att"), unique("att")]
     for attachment_id in ids:
         client.attach(
@@ -108,9 +103,46 @@ def test_every_line_of_a_request_carries_its_attachment_and_volume(
     assert any(m.startswith("disconnecting local:") for m in messages)
 
 
+class JournalStandIn:
+    """A stand-in for journald's socket, where systemd's native protocol
+    arrives, read by a thread as it comes: the kernel queues only
+    net.unix.max_dgram_qlen datagrams (10 here) before a sender blocks, and a
+    daemon blocked on its log hangs the request it serves."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.datagrams: list[bytes] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):  # the socket closed under it
+            while True:
+                try:
+                    self.datagrams.append(self.sock.recv(1 << 20))
+                except TimeoutError:
+                    if self._done.is_set():
+                        return
+
+    def entries(self) -> list[dict[str, str]]:
+        """Every entry so far, once nothing more came for 0.2 s (the socket's timeout)."""
+        self._done.set()
+        self._thread.join()
+        entries: list[dict[str, str]] = []
+        for datagram in self.datagrams:
+            entry = {}
+            for line in datagram.decode(errors="replace").split("\n"):
+                if "=" in line:
+                    key, value = line.split("=", 1)
+                    entry[key] = value
+            entries.append(entry)
+        return entries
+
+
 @pytest.fixture
-def journal_socket() -> Iterator[socket.socket]:
-    """A stand-in for journald's socket, where systemd's native protocol arrives."""
+def journal() -> Iterator[JournalStandIn]:
+    """journald's socket, ours for the test (skipped where a real journald runs)."""
     path = Path("/run/systemd/journal/socket")
     if path.exists():
         pytest.skip(f"{path} exists: a real journald runs here, not ours to stand in for")
@@ -119,32 +151,17 @@ def journal_socket() -> Iterator[socket.socket]:
     sock.bind(str(path))
     sock.settimeout(0.2)
     try:
-        yield sock
+        yield JournalStandIn(sock)
     finally:
         sock.close()
         path.unlink()
-
-
-def journal_entries(sock: socket.socket) -> list[dict[str, str]]:
-    entries: list[dict[str, str]] = []
-    while True:
-        try:
-            datagram = sock.recv(1 << 20)
-        except TimeoutError:
-            return entries
-        entry = {}
-        for line in datagram.decode(errors="replace").split("\n"):
-            if "=" in line:
-                key, value = line.split("=", 1)
-                entry[key] = value
-        entries.append(entry)
 
 
 def test_journald_gets_structured_fields(
     daemon_factory: DaemonFactory,
     guests: Guests,
     loops: LoopDevices,
-    journal_socket: socket.socket,
+    journal: JournalStandIn,
 ) -> None:
     daemon = daemon_factory(**{"use-journal": ""})
     attachment_id = unique("att")
@@ -152,7 +169,7 @@ def test_journald_gets_structured_fields(
         attachment_id, local_request(loops.make(), guests.make(), volume_id="vol-j")
     )
     daemon.client.detach(attachment_id)
-    entries = journal_entries(journal_socket)
+    entries = journal.entries()
     mine = [e for e in entries if e.get("ATTACHMENT_ID") == attachment_id]
     assert mine, entries[-5:]
     assert all(e.get("VOLUME_ID") == "vol-j" for e in mine)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from hostagent.client import ApiError
-from tests.integration.support import Daemon, Guests, LoopDevices, local_request, unique
+from hostagent.client import ApiError, HostagentClient
+from tests.integration.support import Daemon, Guest, Guests, LoopDevices, local_request, unique
 
 
 def test_one_volume_three_guests_one_connection(
-    daemon: Daemon, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guests: Guests
 ) -> None:
-    device = loops.make()
     trio = [guests.make() for _ in range(3)]
     volume = unique("vol")
     ids = [unique("att") for _ in trio]
-    client = daemon.client
 
     for n, (attachment_id, guest) in enumerate(zip(ids, trio, strict=True), start=1):
         attachment, created = client.attach(
@@ -105,12 +103,10 @@ def test_qemu_refuses_a_second_open_without_shareable(guests: Guests, loops: Loo
 
 
 def test_second_attach_without_multiattach_is_refused_before_libvirt(
-    daemon: Daemon, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guests: Guests
 ) -> None:
-    device = loops.make()
     g1, g2 = guests.make(), guests.make()
     volume = unique("vol")
-    client = daemon.client
     first_id = unique("att")
     client.attach(first_id, local_request(device, g1, volume_id=volume))
 
@@ -133,11 +129,8 @@ def test_second_attach_without_multiattach_is_refused_before_libvirt(
 
 
 def test_put_is_idempotent_and_ids_are_single_use(
-    daemon: Daemon, guests: Guests, loops: LoopDevices
+    client: HostagentClient, device: str, guest: Guest
 ) -> None:
-    device = loops.make()
-    guest = guests.make()
-    client = daemon.client
     attachment_id = unique("att")
     body = local_request(device, guest, volume_id=unique("vol"), multiattach=True)
 
@@ -168,10 +161,8 @@ def test_put_is_idempotent_and_ids_are_single_use(
 
 
 def test_twenty_shared_disks_on_one_guest(
-    daemon: Daemon, guests: Guests, loops: LoopDevices
+    client: HostagentClient, guest: Guest, loops: LoopDevices
 ) -> None:
-    guest = guests.make()
-    client = daemon.client
     ids = []
     for _ in range(20):
         attachment_id = unique("att")

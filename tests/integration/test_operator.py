@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from hostagent.client import ApiError
+from hostagent.client import ApiError, HostagentClient
 from tests.conftest import DaemonFactory
 from tests.integration.support import (
     Daemon,
+    Guest,
     Guests,
     LoopDevices,
     hand_made_disk,
@@ -170,11 +171,8 @@ def scrape(daemon: Daemon) -> dict[str, float]:
 
 
 def test_metrics_count_results_time_phases_and_report_states(
-    daemon: Daemon, guests: Guests, loops: LoopDevices
+    daemon: Daemon, client: HostagentClient, guest: Guest, device: str
 ) -> None:
-    client = daemon.client
-    guest = guests.make()
-    device = loops.make()
     first, second = unique("att"), unique("att")
     client.attach(first, local_request(device, guest, volume_id="v", multiattach=True))
     client.attach(first, local_request(device, guest, volume_id="v", multiattach=True))

@@ -11,6 +11,8 @@ to one unplug) and is named so.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,23 @@ def attach(service: AttachmentService, device: str, guest: Guest, **extra: Any) 
     return attachment_id
 
 
+@pytest.fixture
+def service(tmp_path: Path, host_guests: HostGuests) -> Iterator[AttachmentService]:
+    """The service in-process with the real local connector; its store closed after."""
+    made = service_with(LocalConnector(), tmp_path, host_guests)
+    yield made
+    made.store.close()
+
+
+def attached_in_boot_a(tmp_path: Path, host_guests: HostGuests, device: str, guest: Guest) -> str:
+    """Attach ``device`` to ``guest`` (multiattach) with a service of boot "boot-a",
+    whose store is closed after, as a host's previous boot would; returns the id."""
+    before = service_with(LocalConnector(), tmp_path, host_guests, boot_id="boot-a")
+    attachment_id = attach(before, device, guest, multiattach=True)
+    before.store.close()
+    return attachment_id
+
+
 class ProbeThatLetsGo:
     """Recording fake of the /proc holder search: a brief holder (a udev probe)
     on the first look, gone after; ``meanwhile`` runs during that first look."""
@@ -61,16 +80,11 @@ class ProbeThatLetsGo:
 
 
 def test_a_domain_that_takes_the_device_during_the_holder_grace_keeps_it(
-    tmp_path: Path,
-    host_guests: HostGuests,
-    guests: Guests,
-    loops: LoopDevices,
-    monkeypatch: pytest.MonkeyPatch,
+    service: AttachmentService, guests: Guests, loops: LoopDevices, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The last detach waits out a brief holder; an operator's disk added in
     those moments must keep the connection: the domains are read again after
     the wait, not trusted from before it."""
-    service = service_with(LocalConnector(), tmp_path, host_guests)
     ours, theirs, device = guests.make(), guests.make(), loops.make()
     attachment_id = attach(service, device, ours)
     probe = ProbeThatLetsGo(
@@ -83,79 +97,84 @@ def test_a_domain_that_takes_the_device_during_the_holder_grace_keeps_it(
     assert (result.host_disconnected, result.terminate_connection) == (False, False)
     kept = service.store.get_connection(f"local:{device}")
     assert kept is not None, "kept for the disk the operator added meanwhile"
-    service.store.close()
 
 
+@dataclass
+class ConfigOnlyDetach:
+    """A persistent guest, shut off, with our disk in its config only, and the
+    ``detach_alias`` calls of the detach that races its start."""
+
+    guest: Guest
+    device: str
+    attachment_id: str
+    calls: list[tuple[bool, bool]]
+
+
+RaceFactory = Callable[[Exception | None], ConfigOnlyDetach]
+
+
+@pytest.fixture
 def started_before_config_detach(
-    host_guests: HostGuests, dom: Any, live_answer: Exception | None
-) -> Any:
-    """Wrap ``detach_alias``: the guest starts (with the disk, from its config)
-    just before a config-only detach reaches libvirt, as a ``virsh start``
-    between the lookup and the detach would. A live unplug then gets
-    ``live_answer`` raised instead (a recording fake of libvirt's refusal) if
-    one is given, else goes to libvirt."""
-    real = host_guests.detach_alias
-    calls: list[tuple[bool, bool]] = []
+    service: AttachmentService,
+    host_guests: HostGuests,
+    guests: Guests,
+    loops: LoopDevices,
+    monkeypatch: pytest.MonkeyPatch,
+) -> RaceFactory:
+    """Makes a shut-off guest with a config-only disk and wraps ``detach_alias``:
+    the guest starts (with the disk, from its config) just before a config-only
+    detach reaches libvirt, as a ``virsh start`` between the lookup and the
+    detach would. A live unplug then gets ``live_answer`` raised instead (a
+    recording fake of libvirt's refusal) if one is given, else goes to libvirt."""
 
-    def detach_alias(domain_uuid: str, alias: str, *, live: bool, config: bool) -> None:
-        calls.append((live, config))
-        if not live and not dom.isActive():
-            dom.create()
-        if live and live_answer is not None:
-            raise live_answer
-        real(domain_uuid, alias, live=live, config=config)
+    def make(live_answer: Exception | None) -> ConfigOnlyDetach:
+        guest, device = guests.make(persistent=True), loops.make()
+        guest.dom.destroy()
+        race = ConfigOnlyDetach(guest, device, attach(service, device, guest), [])
+        real, dom = host_guests.detach_alias, guest.dom
 
-    detach_alias.calls = calls  # type: ignore[attr-defined]
-    return detach_alias
+        def detach_alias(domain_uuid: str, alias: str, *, live: bool, config: bool) -> None:
+            race.calls.append((live, config))
+            if not live and not dom.isActive():
+                dom.create()
+            if live and live_answer is not None:
+                raise live_answer
+            real(domain_uuid, alias, live=live, config=config)
+
+        monkeypatch.setattr(host_guests, "detach_alias", detach_alias)
+        return race
+
+    return make
 
 
 def test_a_guest_started_before_a_config_only_detach_is_unplugged_live_too(
-    tmp_path: Path,
-    host_guests: HostGuests,
-    guests: Guests,
-    loops: LoopDevices,
-    monkeypatch: pytest.MonkeyPatch,
+    service: AttachmentService, started_before_config_detach: RaceFactory
 ) -> None:
-    service = service_with(LocalConnector(), tmp_path, host_guests)
-    guest, device = guests.make(persistent=True), loops.make()
-    guest.dom.destroy()
-    attachment_id = attach(service, device, guest)
+    race = started_before_config_detach(None)
+    guest, attachment_id = race.guest, race.attachment_id
     assert guest.disk(f"ua-{attachment_id}", inactive=True) is not None
-    wrapped = started_before_config_detach(host_guests, guest.dom, None)
-    monkeypatch.setattr(host_guests, "detach_alias", wrapped)
 
     result = service.detach(attachment_id)
-    assert wrapped.calls == [(False, True), (True, False)], "config, then the live disk"
+    assert race.calls == [(False, True), (True, False)], "config, then the live disk"
     assert guest.disk(f"ua-{attachment_id}") is None, "gone from the running guest"
     assert guest.disk(f"ua-{attachment_id}", inactive=True) is None
     assert (result.host_disconnected, result.terminate_connection) == (True, True)
-    service.store.close()
 
 
 def test_a_refused_live_unplug_after_a_config_only_detach_is_answered_not_waited_out(
-    tmp_path: Path,
-    host_guests: HostGuests,
-    guests: Guests,
-    loops: LoopDevices,
-    monkeypatch: pytest.MonkeyPatch,
+    service: AttachmentService, started_before_config_detach: RaceFactory
 ) -> None:
     """Only a live unplug libvirt took can be pending; a refusal of the first
     live request is libvirt's answer (502), not something to wait for (504)."""
-    service = service_with(LocalConnector(), tmp_path, host_guests)
-    guest, device = guests.make(persistent=True), loops.make()
-    guest.dom.destroy()
-    attachment_id = attach(service, device, guest)
     refusal = LibvirtError("detach ua-x from domain: operation failed: unplug refused")
-    wrapped = started_before_config_detach(host_guests, guest.dom, refusal)
-    monkeypatch.setattr(host_guests, "detach_alias", wrapped)
+    race = started_before_config_detach(refusal)
 
     with pytest.raises(LibvirtError, match="unplug refused"):
-        service.detach(attachment_id)
-    assert wrapped.calls == [(False, True), (True, False)], "asked once, answered at once"
-    record = service.store.get_attachment(attachment_id)
+        service.detach(race.attachment_id)
+    assert race.calls == [(False, True), (True, False)], "asked once, answered at once"
+    record = service.store.get_attachment(race.attachment_id)
     assert record is not None and record.state.value == "detaching", "a retry continues"
-    assert service.store.get_connection(f"local:{device}") is not None
-    service.store.close()
+    assert service.store.get_connection(f"local:{race.device}") is not None
 
 
 def test_reconcile_does_not_connect_again_what_an_attach_just_reconnected(
@@ -165,21 +184,13 @@ def test_reconcile_does_not_connect_again_what_an_attach_just_reconnected(
     connection; an attach may have connected it again in this boot meanwhile."""
     guest, device = guests.make(persistent=True), loops.make()
     key = f"local:{device}"
-    request = AttachRequest.model_validate(
-        local_request(device, guest, volume_id="v", multiattach=True)
-    )
-    before = service_with(LocalConnector(), tmp_path, host_guests, boot_id="boot-a")
-    before.attach(unique("att"), request)
-    before.store.close()
+    attached_in_boot_a(tmp_path, host_guests, device, guest)
 
     connector = FailingFirstDisconnect()
     after = service_with(connector, tmp_path, host_guests, boot_id="boot-b")
     listed = after.store.get_connection(key)
     assert listed is not None and listed.boot_id == "boot-a"
-    second = AttachRequest.model_validate(
-        local_request(device, guests.make(), volume_id="v", multiattach=True)
-    )
-    after.attach(unique("att"), second)  # connects it again, in this boot
+    attach(after, device, guests.make(), multiattach=True)  # connects it again, in this boot
     assert connector.connects == [key]
 
     actions = reconciler_for(after)._after_reboot(listed)
@@ -199,26 +210,14 @@ def test_reconcile_releases_for_real_a_connection_reconnected_since_its_listing(
     leak a live connection; it is released like any last detach."""
     gone, device = guests.make(), loops.make()
     key = f"local:{device}"
-    before = service_with(LocalConnector(), tmp_path, host_guests, boot_id="boot-a")
-    stale = unique("att")
-    before.attach(
-        stale,
-        AttachRequest.model_validate(local_request(device, gone, volume_id="v", multiattach=True)),
-    )
-    before.store.close()
+    stale = attached_in_boot_a(tmp_path, host_guests, device, gone)
     gone.dom.destroy()  # transient: gone with the reboot
 
     connector = FailingFirstDisconnect(failures=0)
     after = service_with(connector, tmp_path, host_guests, boot_id="boot-b")
     listed = after.store.get_connection(key)
     assert listed is not None and listed.boot_id == "boot-a"
-    fresh = unique("att")
-    after.attach(
-        fresh,
-        AttachRequest.model_validate(
-            local_request(device, guests.make(), volume_id="v", multiattach=True)
-        ),
-    )
+    fresh = attach(after, device, guests.make(), multiattach=True)
     after.detach(fresh)  # shared with the stale one: the connection stays, of boot-b
     assert connector.connects == [key] and connector.disconnects == []
 
@@ -242,7 +241,8 @@ def test_a_retried_delete_waits_for_the_unplug_qemu_refuses_to_repeat(
     to repeat it ("already in the process of unplug"; this machine's accepts
     the repeat, so a recording fake gives that answer): the retried DELETE
     must wait for the guest again (504), not report libvirt's refusal (502)."""
-    service = service_with(LocalConnector(), tmp_path, host_guests)
+    # Both detaches wait out the whole timeout: 2 s each is enough to tell.
+    service = service_with(LocalConnector(), tmp_path, host_guests, detach_timeout=2)
     guest, device = guests.make(), loops.make()
     attachment_id = attach(service, device, guest, bus="virtio")
     with pytest.raises(DetachTimeout):
