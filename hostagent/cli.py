@@ -48,6 +48,7 @@ ATTACHMENT_COLUMNS = (
     "volume_id",
     "domain_name",
     "state",
+    "alias",
     "target_dev",
     "bus",
     "mode",

@@ -64,7 +64,11 @@ class Attachment(BaseModel):
     volume_id: str
     domain_uuid: str
     domain_name: str
-    state: Literal["attaching", "attached", "detaching"]
+    state: Literal["attaching", "attached", "detaching", "incoming"]
+    alias: str = Field(
+        description="the disk's libvirt/QEMU device alias: ua-<attachment_id>, or the "
+        "source host's alias for a disk that arrived by live migration"
+    )
     target_dev: str | None
     bus: Literal["scsi", "virtio"]
     mode: Literal["rw", "ro"]
