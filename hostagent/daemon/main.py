@@ -30,6 +30,7 @@ from hostagent.api.server import ApiHandlers, make_app
 from hostagent.api.views import ReadViews
 from hostagent.attachments.guest_disks import GuestDisks
 from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.migration import Arrivals
 from hostagent.attachments.rebuild import rebuild_state, unrecorded_disks
 from hostagent.attachments.reconcile import Reconciler, VanishedDomains
 from hostagent.attachments.service import AttachmentService, ServiceSettings
@@ -183,6 +184,7 @@ def build_core(
         boot_id=settings.boot_id,
         tombstone_ttl=tombstone_ttl,
         clock=clock,
+        migrations=service.migrations,
     )
     return service, reconciler
 
@@ -276,6 +278,7 @@ def run(conf: cfg.ConfigOpts) -> int:
                 detach_timeout=conf.detach_timeout,
                 detach_retry_interval=conf.libvirt.detach_retry_interval,
                 boot_id=boot_id,
+                incoming_migration_timeout=conf.incoming_migration_timeout,
             ),
             metrics=metrics,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
@@ -283,6 +286,8 @@ def run(conf: cfg.ConfigOpts) -> int:
         metrics.watch(store, lambda: guests.connected)
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
+        arrivals = Arrivals(service.migrations)
+        guests.on_arrival(arrivals.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
         guests.start()  # connects (and reconciles) now if libvirtd answers
         if state_is_new and guests.connected:
@@ -307,6 +312,7 @@ def run(conf: cfg.ConfigOpts) -> int:
         sock = inherited or bind_unix_socket(socket_path)
         periodic.start()
         vanished.start()
+        arrivals.start()
         try:
             limits = ConnectionLimits(conf.api.header_timeout, conf.api.max_connections)
             asyncio.run(serve(app, sock, conf.detach_timeout + 30, limits))
@@ -317,6 +323,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             signal.signal(signal.SIGINT, _already_stopping)
             periodic.stop()
             vanished.stop()
+            arrivals.stop()
             executor.shutdown(wait=True)
             guests.stop()
             store.close()

@@ -95,6 +95,16 @@ ConnectionListener = Callable[[], None]
 # (domain UUID, libvirt lifecycle event, detail), called on the event-loop thread
 LifecycleListener = Callable[[str, int, int], None]
 
+# (domain UUID) of a domain starting or resuming here by migration, on the event-loop thread
+ArrivalListener = Callable[[str], None]
+# The lifecycle events of a destination: Started/Migrated, then Resumed/Migrated.
+_ARRIVAL_EVENTS = frozenset(
+    {
+        (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED),
+        (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED),
+    }
+)
+
 # Lifecycle events after which a domain has no live devices (and may be gone).
 _STOPPING_EVENTS = frozenset(
     {
@@ -112,6 +122,7 @@ class Guests:
         self.uri = uri
         self.removals = DeviceRemovedWaiter()
         self._lifecycle_listeners: list[LifecycleListener] = []
+        self._arrival_listeners: list[ArrivalListener] = []
         self.session = LibvirtSession(
             uri, register_events=self._register_events, connections=connections
         )
@@ -134,6 +145,11 @@ class Guests:
         """
         self._lifecycle_listeners.append(listener)
 
+    def on_arrival(self, listener: ArrivalListener) -> None:
+        """Call ``listener(uuid)`` when a domain starts or resumes here by migration
+        (on libvirt's event-loop thread: hand work off)."""
+        self._arrival_listeners.append(listener)
+
     @property
     def connected(self) -> bool:
         return self.session.connected
@@ -150,6 +166,9 @@ class Guests:
         )
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+        )
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._migrated_here, None
         )
 
     def _device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
@@ -171,6 +190,19 @@ class Guests:
                 listener(domain_uuid, event, detail)
             except Exception:
                 LOG.exception("lifecycle listener failed")
+
+    def _migrated_here(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        if (event, detail) not in _ARRIVAL_EVENTS:
+            return
+        domain_uuid = str(dom.UUIDString())
+        LOG.info(
+            "domain %s (%s): arriving by migration (%d/%d)", dom.name(), domain_uuid, event, detail
+        )
+        for listener in self._arrival_listeners:
+            try:
+                listener(domain_uuid)
+            except Exception:
+                LOG.exception("arrival listener failed")
 
     # calls
 
@@ -274,6 +306,28 @@ class Guests:
         self.session.on_domain(
             domain_uuid, f"detach {alias} from", lambda dom: dom.detachDeviceAlias(alias, flags)
         )
+
+    def migrating(self, domain_uuid: str) -> bool:
+        """Whether a migration of the domain is under way: one out of this host
+        (a libvirt job), or one into it that has not resumed the guest yet.
+        False once the domain is gone."""
+
+        def run(dom: Any) -> bool:
+            operation = dom.jobStats(0).get("operation")
+            state, reason = dom.state()
+            if operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
+                return True
+            incoming = operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN or (
+                state == libvirt.VIR_DOMAIN_PAUSED
+                and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
+            )
+            return bool(incoming and state != libvirt.VIR_DOMAIN_RUNNING)
+
+        try:
+            migrating: bool = self.session.on_domain(domain_uuid, "job of", run)
+        except DomainNotFound:
+            return False
+        return migrating
 
     # secrets (connectors.SecretKeeper): the cephx keys QEMU's librbd reads
 
