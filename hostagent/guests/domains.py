@@ -167,9 +167,6 @@ class Guests:
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
         )
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._migrated_here, None
-        )
 
     def _device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
         LOG.debug("DEVICE_REMOVED %s on %s", alias, dom.name())
@@ -180,6 +177,7 @@ class Guests:
         self.removals.removal_failed(dom.UUIDString(), alias)
 
     def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        self._migrated_here(dom, event, detail)
         if event not in _STOPPING_EVENTS:
             return
         domain_uuid = str(dom.UUIDString())
@@ -191,7 +189,8 @@ class Guests:
             except Exception:
                 LOG.exception("lifecycle listener failed")
 
-    def _migrated_here(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+    def _migrated_here(self, dom: Any, event: int, detail: int) -> None:
+        """libvirt takes one lifecycle callback per connection: ``_lifecycle`` calls this."""
         if (event, detail) not in _ARRIVAL_EVENTS:
             return
         domain_uuid = str(dom.UUIDString())
