@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from hostagent.client import ApiError, HostagentClient, destination_xml
 from tests.conftest import DaemonFactory
 from tests.integration.second_host import SecondHost, free_port
 from tests.integration.support import (
+    LIBVIRT_URI,
     Daemon,
     Guest,
     Guests,
@@ -120,13 +122,15 @@ def host_libvirtd_uri() -> str:
     return f"qemu+unix:///system?socket=/proc/{pid}/root/run/libvirt/libvirt-sock"
 
 
-def migrate(dom: Any, dest_uri: str, dest_xml: str) -> None:
+def migrate(dom: Any, dest_uri: str, dest_xml: str, *, bandwidth_mib: int = 0) -> None:
     """A live peer-to-peer migration over an explicit tcp port, with the destination XML."""
     _MOVED.add(dom.name())
-    params = {
+    params: dict[str, Any] = {
         libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://127.0.0.1:{free_port()}",
         libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml,
     }
+    if bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
     dom.migrateToURI3(dest_uri, params, libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER)
 
 
@@ -309,3 +313,47 @@ def test_an_abandoned_incoming_is_released_by_reconcile(
     ]
     assert dst.client.connections().connections == []
     assert "abandoned" in dst.log()
+
+
+def test_a_delete_during_the_migration_waits_and_a_cancelled_one_leaves_all_in_place(
+    hosts: Hosts, guests: Guests, dst_guests: Guests
+) -> None:
+    volume = unique("v")
+    dev_src, dev_dst = hosts.volume()
+    m, b = guests.make(), dst_guests.make()
+    m_src, _ = hosts.src.attach(unique("m"), shared(dev_src, m, volume))
+    hosts.dst.attach(unique("b"), shared(dev_dst, b, volume))
+    incoming = prepare(hosts, m, dev_dst, volume, m_src.alias)
+    dest_xml = destination_xml(migratable_xml(m), [incoming])
+    failure: list[BaseException] = []
+
+    def slow_migration() -> None:
+        conn = libvirt.open(LIBVIRT_URI)  # its own connection: the test polls on the other
+        try:
+            dom = conn.lookupByUUIDString(m.uuid)
+            migrate(dom, hosts.second_host.uri, dest_xml, bandwidth_mib=1)
+        except libvirt.libvirtError as exc:
+            failure.append(exc)
+        finally:
+            conn.close()
+
+    worker = threading.Thread(target=slow_migration)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while m.dom.jobStats(0).get("operation") != libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
+            assert time.monotonic() < deadline, "the migration job did not start"
+            time.sleep(0.01)
+        with pytest.raises(ApiError) as busy:
+            hosts.src.detach(m_src.attachment_id)
+        assert (busy.value.status, busy.value.code) == (409, "domain_migrating")
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            m.dom.abortJob()
+        worker.join(60)
+    assert failure, "the cancelled migration failed"
+
+    released = hosts.dst.detach(incoming.attachment_id)
+    assert (released.host_refcount, released.terminate_connection) == (1, False)
+    assert m.dom.isActive() and m.disk(m_src.alias) is not None
+    assert hosts.src.get(m_src.attachment_id).state == "attached"
