@@ -130,18 +130,39 @@ def _attach_request(args: argparse.Namespace) -> AttachRequest:
         "bus": args.bus,
         "target_dev": args.target_dev,
         "serial": args.serial,
+        "incoming_migration": {"alias": args.incoming_alias} if args.incoming_alias else None,
     }
     return AttachRequest.model_validate({k: v for k, v in body.items() if v is not None})
 
 
 def cmd_attach(client: HostagentClient, args: argparse.Namespace) -> int:
     attachment, created = client.attach(args.attachment_id, _attach_request(args))
+    if attachment.state == "incoming":
+        _print(
+            attachment,
+            args.json,
+            f"incoming: {attachment.attachment_id} ready for {attachment.domain_uuid} to "
+            f"arrive with {attachment.alias} ({attachment.connection_key}, host refcount "
+            f"{attachment.host_refcount}); its disk here:\n{attachment.disk_xml}",
+        )
+        return 0
     _print(
         attachment,
         args.json,
         f"{'attached' if created else 'already attached'}: {attachment.attachment_id} "
         f"-> {attachment.domain_name} {attachment.target_dev} "
         f"({attachment.connection_key}, host refcount {attachment.host_refcount})",
+    )
+    return 0
+
+
+def cmd_confirm(client: HostagentClient, args: argparse.Namespace) -> int:
+    attachment = client.confirm(args.attachment_id)
+    _print(
+        attachment,
+        args.json,
+        f"attached: {attachment.attachment_id} arrived with {attachment.domain_name} as "
+        f"{attachment.alias} ({attachment.target_dev})",
     )
     return 0
 
@@ -192,7 +213,10 @@ def cmd_show(client: HostagentClient, args: argparse.Namespace) -> int:
         lines += [
             f"  {k}: {v}" for k, v in connection.model_dump().items() if k != "connection_key"
         ]
-    where = "" if view.domain_exists else " (domain no longer exists)"
+    where = ""
+    if not view.domain_exists:
+        arriving = attachment.state == "incoming"
+        where = " (not arrived yet)" if arriving else " (domain no longer exists)"
     lines.append(
         f"libvirt: domain {view.domain_name}{where}, "
         f"{'running' if view.active else 'not running'}, "
@@ -288,6 +312,14 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--local-device", help="shorthand: a local block device path")
     _disk_options(attach)
     attach.add_argument("--serial")
+    attach.add_argument(
+        "--incoming-alias",
+        help="live migration destination: connect for the domain (--domain UUID) arriving "
+        "with this disk alias (the source agent's); nothing is added to libvirt",
+    )
+
+    confirm = read_command("confirm", "an incoming attachment whose domain arrived: attached")
+    confirm.add_argument("attachment_id")
 
     detach = read_command("detach", "detach; prints terminate_connection")
     detach.add_argument("attachment_id")
@@ -322,6 +354,7 @@ COMMANDS = {
     "connections": cmd_connections,
     "attach": cmd_attach,
     "detach": cmd_detach,
+    "confirm": cmd_confirm,
     "show": cmd_show,
     "doctor": cmd_doctor,
     "reconcile": cmd_reconcile,
