@@ -14,6 +14,7 @@ import pytest
 from lxml import etree
 
 from hostagent.api.models import Attachment, AttachRequest
+from hostagent.attachments.diagnostics import diagnose
 from hostagent.attachments.rebuild import unrecorded_disks
 from hostagent.errors import DomainExists, DomainMigrating, InvalidRequest, MigrationNotFinished
 from hostagent.guests.domains import DomainInfo
@@ -306,3 +307,13 @@ CREATE TABLE tombstones (
     result TEXT NOT NULL, detached_at REAL NOT NULL
 );
 """
+
+
+def test_the_doctor_sees_an_awaited_incoming_as_no_disagreement(core: Core) -> None:
+    arriving = str(uuid.uuid4())
+    prepared, _ = core.service.attach("d1", incoming(core, arriving))
+    assert diagnose(core.store, core.guests, boot_id="boot-a").findings == []
+    core.guests.arrive(arriving, "m", live_disk(prepared))
+    core.guests.migrating_domains.add(arriving)  # not recorded yet
+    (finding,) = diagnose(core.store, core.guests, boot_id="boot-a").findings
+    assert (finding.kind, finding.suggestion) == ("arrived_unconfirmed", "hostagentctl confirm d1")
