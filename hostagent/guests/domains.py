@@ -312,15 +312,19 @@ class Guests:
         False once the domain is gone."""
 
         def run(dom: Any) -> bool:
-            operation = dom.jobStats(0).get("operation")
-            state, reason = dom.state()
+            try:
+                operation = dom.jobStats(0).get("operation")
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False  # not running: no job
+                raise
             if operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
                 return True
-            incoming = operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN or (
-                state == libvirt.VIR_DOMAIN_PAUSED
-                and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
+            # an arriving domain is here once libvirt resumed it, its job ending
+            return bool(
+                operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN
+                and dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING
             )
-            return bool(incoming and state != libvirt.VIR_DOMAIN_RUNNING)
 
         try:
             migrating: bool = self.session.on_domain(domain_uuid, "job of", run)

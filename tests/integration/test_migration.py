@@ -357,3 +357,17 @@ def test_a_delete_during_the_migration_waits_and_a_cancelled_one_leaves_all_in_p
     assert (released.host_refcount, released.terminate_connection) == (1, False)
     assert m.dom.isActive() and m.disk(m_src.alias) is not None
     assert hosts.src.get(m_src.attachment_id).state == "attached"
+
+
+def test_a_detach_from_a_stopped_persistent_domain_has_no_job_to_wait_for(
+    daemon: Daemon, guests: Guests, loops: LoopDevices
+) -> None:
+    """libvirt refuses job stats of a domain that is not running: no migration."""
+    guest = guests.make(persistent=True)
+    attachment, _ = daemon.client.attach(
+        unique("p"), local_request(loops.make(), guest, volume_id="v")
+    )
+    guest.dom.destroy()
+    result = daemon.client.detach(attachment.attachment_id)
+    assert result.terminate_connection
+    assert guest.disk(attachment.alias, inactive=True) is None
