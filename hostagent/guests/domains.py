@@ -317,7 +317,11 @@ class Guests:
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
                     return False  # not running: no job
-                raise
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
+                    raise
+                # "migration statistics are available only on the source host":
+                # the destination's side of a migration job
+                operation = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN
             if operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
                 return True
             # an arriving domain is here once libvirt resumed it, its job ending

@@ -242,7 +242,12 @@ def test_the_last_user_leaving_the_source_releases_its_connection_once(
     incoming = prepare(hosts, m, dev_dst, volume, m_src.alias)
     assert incoming.host_refcount == 1
     migrate(m.dom, hosts.second_host.uri, destination_xml(migratable_xml(m), [incoming]))
-    confirmed(hosts.dst, incoming.attachment_id)
+    # no confirm and no periodic reconcile: libvirt's lifecycle events do it
+    deadline = time.monotonic() + 10
+    while hosts.dst.get(incoming.attachment_id).state != "attached":
+        assert time.monotonic() < deadline, "the arrival events did not attach it"
+        time.sleep(0.1)
+    assert f"{m.name} arrived by migration with {m_src.alias}" in hosts.dst_daemon.log()
 
     released = hosts.src.detach(m_src.attachment_id)
     assert (released.host_disconnected, released.terminate_connection) == (True, True)
