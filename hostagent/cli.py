@@ -82,6 +82,7 @@ ATTACHMENT_COLUMNS = (
     "volume_id",
     "domain_name",
     "state",
+    "alias",
     "target_dev",
     "bus",
     "mode",
@@ -153,6 +154,7 @@ def _attach_body(args: argparse.Namespace) -> dict[str, Any]:
         "bus": args.bus,
         "target_dev": args.target_dev,
         "serial": args.serial,
+        "incoming_migration": {"alias": args.incoming_alias} if args.incoming_alias else None,
     }
     try:
         request = AttachRequest.model_validate({k: v for k, v in body.items() if v is not None})
@@ -165,6 +167,15 @@ def cmd_attach(client: HostagentClient, args: argparse.Namespace) -> int:
     status, attachment = client.request(
         "PUT", attachment_path(args.attachment_id), _attach_body(args)
     )
+    if attachment["state"] == "incoming":
+        _print(
+            attachment,
+            args.json,
+            f"incoming: {attachment['attachment_id']} ready for {attachment['domain_uuid']} "
+            f"to arrive with {attachment['alias']} ({attachment['connection_key']}, host "
+            f"refcount {attachment['host_refcount']}); its disk here:\n{attachment['disk_xml']}",
+        )
+        return 0
     _print(
         attachment,
         args.json,
@@ -172,6 +183,17 @@ def cmd_attach(client: HostagentClient, args: argparse.Namespace) -> int:
         f"{attachment['attachment_id']} -> {attachment['domain_name']} "
         f"{attachment['target_dev']} ({attachment['connection_key']}, "
         f"host refcount {attachment['host_refcount']})",
+    )
+    return 0
+
+
+def cmd_confirm(client: HostagentClient, args: argparse.Namespace) -> int:
+    _, attachment = client.request("POST", attachment_path(args.attachment_id, "/confirm"))
+    _print(
+        attachment,
+        args.json,
+        f"attached: {attachment['attachment_id']} arrived with {attachment['domain_name']} "
+        f"as {attachment['alias']} ({attachment['target_dev']})",
     )
     return 0
 
@@ -250,7 +272,10 @@ def _show_text(
     if connection is not None:
         lines.append(f"host connection {connection['connection_key']}")
         lines += _fields(connection, skip=("connection_key",))
-    where = "" if view["domain_exists"] else " (domain no longer exists)"
+    where = ""
+    if not view["domain_exists"]:
+        arriving = attachment["state"] == "incoming"
+        where = " (not arrived yet)" if arriving else " (domain no longer exists)"
     lines.append(
         f"libvirt: domain {view['domain_name']}{where}, "
         f"{'running' if view['active'] else 'not running'}, "
@@ -347,6 +372,14 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--local-device", help="shorthand: a local block device path")
     _disk_options(attach)
     attach.add_argument("--serial")
+    attach.add_argument(
+        "--incoming-alias",
+        help="live migration destination: connect for the domain (--domain UUID) arriving "
+        "with this disk alias (the source agent's); nothing is added to libvirt",
+    )
+
+    confirm = read_command("confirm", "an incoming attachment whose domain arrived: attached")
+    confirm.add_argument("attachment_id")
 
     detach = read_command("detach", "detach; prints terminate_connection")
     detach.add_argument("attachment_id")
@@ -383,6 +416,7 @@ COMMANDS = {
     "connections": cmd_connections,
     "attach": cmd_attach,
     "detach": cmd_detach,
+    "confirm": cmd_confirm,
     "show": cmd_show,
     "doctor": cmd_doctor,
     "reconcile": cmd_reconcile,

@@ -14,9 +14,12 @@ import json
 import os
 import socket
 import urllib.parse
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from hostagent.api.models import (
         Attachment,
         AttachRequest,
@@ -124,6 +127,28 @@ class HostagentClient:
         status, data = self.request("PUT", attachment_path(attachment_id), body)
         return Attachment.model_validate(data), status == 201
 
+    def attach_incoming(
+        self, attachment_id: str, request: AttachRequest | dict[str, Any], alias: str
+    ) -> tuple[Attachment, bool]:
+        """On a migration's destination, before it starts: connect for the disk
+        ``alias`` (the source agent's) of the domain ``request`` names by UUID."""
+        from hostagent.api.models import AttachRequest
+
+        body = (
+            request.model_dump(exclude_none=True)
+            if isinstance(request, AttachRequest)
+            else request
+        )
+        return self.attach(attachment_id, {**body, "incoming_migration": {"alias": alias}})
+
+    def confirm(self, attachment_id: str) -> Attachment:
+        """On a migration's destination, after it: the incoming attachment is attached
+        (ApiError 409 migration_not_finished while the domain is not here with it)."""
+        from hostagent.api.models import Attachment
+
+        _, data = self.request("POST", attachment_path(attachment_id, "/confirm"))
+        return Attachment.model_validate(data)
+
     def detach(self, attachment_id: str) -> DetachResult:
         from hostagent.api.models import DetachResult
 
@@ -185,3 +210,40 @@ class HostagentClient:
 
         _, data = self.request("GET", "/v1/doctor")
         return DoctorReport.model_validate(data)
+
+
+def destination_xml(domain_xml: str, incoming: Iterable[Attachment]) -> str:
+    """The domain XML to pass to libvirt's migration (``VIR_MIGRATE_PARAM_DEST_XML``):
+    ``domain_xml`` (the source's, e.g. ``XMLDesc(VIR_DOMAIN_XML_MIGRATABLE)``) with
+    the ``<source>`` of each agent disk replaced by the one the destination agent
+    answered for it (matched by alias). Everything else, the alias, target and
+    address included, stays as the source has it; ValueError if a disk is missing."""
+    from lxml import etree  # here, not at import: hostagentctl's reads stay light
+
+    root = etree.fromstring(domain_xml.encode())
+    for attachment in incoming:
+        if attachment.disk_xml is None:
+            raise ValueError(f"attachment {attachment.attachment_id} has no disk_xml")
+        wanted = etree.fromstring(attachment.disk_xml.encode())
+        disk = _disk_by_alias(root, attachment.alias)
+        source = wanted.find("./source")
+        if disk is None or source is None:
+            raise ValueError(f"no disk {attachment.alias} in the domain, or no source for it")
+        disk.set("type", wanted.get("type") or disk.get("type") or "block")
+        # what names the storage on this host: the source, a network disk's auth
+        for tag in ("source", "auth"):
+            for old in disk.findall(f"./{tag}"):
+                disk.remove(old)
+        disk.insert(0, source)
+        auth = wanted.find("./auth")
+        if auth is not None:
+            disk.insert(1, auth)
+    return str(etree.tostring(root, encoding="unicode"))
+
+
+def _disk_by_alias(root: etree._Element, alias: str) -> etree._Element | None:
+    for disk in root.iterfind("./devices/disk"):
+        found = disk.find("./alias")
+        if found is not None and found.get("name") == alias:
+            return disk
+    return None

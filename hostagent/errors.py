@@ -63,6 +63,22 @@ class ExtendFailed(HostagentError):
     status, code = 502, "extend_failed"
 
 
+class DomainExists(HostagentError):
+    """An incoming attachment names a domain that runs here outside a migration."""
+
+    status, code = 409, "domain_exists"
+
+
+class MigrationNotFinished(HostagentError):
+    status, code = 409, "migration_not_finished"
+
+
+class DomainMigrating(HostagentError):
+    """The domain is in a libvirt migration job; retry after it."""
+
+    status, code = 409, "domain_migrating"
+
+
 class ConnectFailed(HostagentError):
     status, code = 502, "connect_failed"
 

@@ -30,6 +30,10 @@ POINTS = (
     "detach.after_mark_disconnecting",  # connection recorded disconnecting
     "detach.after_disconnect",  # os-brick disconnected, not yet recorded
     "extend.after_host_refresh",  # the host sees the new size, no guest resized yet
+    # live migration (an incoming PUT passes attach.after_intent/after_connect first)
+    "incoming.after_connect",  # incoming recorded and connected, its disk XML not yet
+    "arrival.before_record",  # the domain runs here with the disk, not yet recorded attached
+    "incoming.release_after_intent",  # an incoming recorded detaching, not yet released
 )
 
 

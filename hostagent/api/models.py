@@ -42,6 +42,17 @@ class ConnectionInfo(BaseModel):
     service_uuid: str | None = Field(default=None, max_length=64)
 
 
+ALIAS_PATTERN = r"^ua-[A-Za-z0-9_-]{1,64}$"
+
+
+class IncomingMigration(BaseModel):
+    """The disk is expected to arrive here with a live migration (API.md v1.1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    alias: str = Field(pattern=ALIAS_PATTERN, description="the alias the source agent reports")
+
+
 class AttachRequest(BaseModel):
     """Body of ``PUT /v1/attachments/{attachment_id}``."""
 
@@ -55,6 +66,11 @@ class AttachRequest(BaseModel):
     bus: Literal["scsi", "virtio"] = "scsi"
     target_dev: str | None = Field(default=None, pattern=TARGET_DEV_PATTERN)
     serial: str | None = Field(default=None, pattern=SERIAL_PATTERN)
+    incoming_migration: IncomingMigration | None = Field(
+        default=None,
+        description="connect and count for a domain (by UUID) arriving by live migration; "
+        "nothing is added to libvirt",
+    )
 
 
 class Attachment(BaseModel):
@@ -64,7 +80,11 @@ class Attachment(BaseModel):
     volume_id: str
     domain_uuid: str
     domain_name: str
-    state: Literal["attaching", "attached", "detaching"]
+    state: Literal["attaching", "attached", "detaching", "incoming"]
+    alias: str = Field(
+        description="the disk's libvirt/QEMU device alias: ua-<attachment_id>, or the "
+        "source host's alias for a disk that arrived by live migration"
+    )
     target_dev: str | None
     bus: Literal["scsi", "virtio"]
     mode: Literal["rw", "ro"]

@@ -56,6 +56,8 @@ from hostagent.errors import (
     DetachTimeout,
     DeviceNotExtended,
     DisconnectFailed,
+    DomainExists,
+    DomainMigrating,
     DomainNotFound,
     ExtendFailed,
     Forbidden,
@@ -64,6 +66,7 @@ from hostagent.errors import (
     LibvirtError,
     LibvirtUnavailable,
     MethodNotAllowed,
+    MigrationNotFinished,
     NotFound,
     RequestTimeout,
     RequestTooLarge,
@@ -303,6 +306,11 @@ class ApiHandlers:
         self.metrics.result("extend", "resized" if resized else "unchanged")
         return model_response(result)
 
+    async def confirm_attachment(self, request: web.Request) -> web.Response:
+        attachment_id = self._attachment_id(request)
+        attachment = await self._run(self.service.migrations.confirm, attachment_id)
+        return model_response(attachment)
+
     async def metrics_text(self, request: web.Request) -> web.Response:
         body = await self._run(self.metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -368,6 +376,7 @@ ROUTES: tuple[Route, ...] = (
             DomainNotFound,
             AttachmentConflict,
             AttachmentIdReused,
+            DomainExists,
             VolumeAlreadyAttached,
             VolumeNotMultiattach,
             TargetDevInUse,
@@ -385,11 +394,20 @@ ROUTES: tuple[Route, ...] = (
         errors=(
             InvalidRequest,
             AttachmentNotFound,
+            DomainMigrating,
             LibvirtError,
             DisconnectFailed,
             LibvirtUnavailable,
             DetachTimeout,
         ),
+    ),
+    Route(
+        "POST",
+        "/v1/attachments/{attachment_id}/confirm",
+        ApiHandlers.confirm_attachment,
+        "An incoming attachment is attached once its domain runs here with the disk",
+        responses={200: Attachment},
+        errors=(InvalidRequest, AttachmentNotFound, MigrationNotFinished, LibvirtUnavailable),
     ),
     Route(
         "GET",

@@ -41,6 +41,7 @@ def attachment_view(store: Store, record: AttachmentRecord) -> Attachment:
         domain_uuid=record.domain_uuid,
         domain_name=record.domain_name,
         state=record.state.value,
+        alias=record.alias,
         target_dev=record.target_dev,
         bus=record.bus,
         mode=record.mode,

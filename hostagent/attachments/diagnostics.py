@@ -29,6 +29,18 @@ def _attachment_findings(
     record: AttachmentRecord, domain: DomainInfo | None, disks: list[DomainDisk]
 ) -> Iterator[Finding]:
     subject = record.attachment_id
+    if record.state is AttachmentState.INCOMING:
+        # awaited by a live migration: no disagreement until its domain runs here
+        # with the disk (then confirm, or the next reconcile, records it)
+        if domain is not None and presence_in_scan(disks, domain.uuid, record.alias)[0]:
+            yield Finding(
+                kind="arrived_unconfirmed",
+                subject=subject,
+                detail=f"{domain.name} runs here with {record.alias}; the attachment is "
+                "still incoming",
+                suggestion=f"hostagentctl confirm {subject}",
+            )
+        return
     if record.state is not AttachmentState.ATTACHED:
         verb = (
             "hostagentctl reconcile"

@@ -57,8 +57,11 @@ def agent_disks(guests: Guests) -> list[FoundDisk]:
 
 
 def unrecorded_disks(store: Store, guests: Guests) -> list[FoundDisk]:
-    """``ua-`` disks with no attachment record."""
-    return [f for f in agent_disks(guests) if store.get_attachment(f.attachment_id) is None]
+    """``ua-`` disks with no attachment record: none holds that alias on that
+    domain (a disk that arrived by migration keeps the source's alias, so its
+    alias does not name its attachment id)."""
+    recorded = {(a.domain_uuid, a.alias) for a in store.list_attachments()}
+    return [f for f in agent_disks(guests) if (f.domain.uuid, f.disk.alias) not in recorded]
 
 
 def _records(found: FoundDisk, boot_id: str) -> tuple[AttachmentRecord, ConnectionRecord]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from hostagent.api.models import ReconcileAction, ReconcileReport
 from hostagent.attachments.guest_disks import GuestDisks
 from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.migration import Migrations
 from hostagent.errors import HostagentError
 from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domain_scan import scan_domain_disks
@@ -55,8 +56,12 @@ class Reconciler:
         boot_id: str,
         tombstone_ttl: float,
         clock: Callable[[], float] = time.time,
+        migrations: Migrations | None = None,
     ) -> None:
         self._store = store
+        self._migrations = migrations or Migrations(
+            store=store, guests=guests, locks=locks, connections=connections
+        )
         self._guests = guests
         self._locks = locks
         self._connections = connections
@@ -101,6 +106,11 @@ class Reconciler:
             if record is None:
                 return []
             logctx.note(volume_id=record.volume_id)
+            if record.state is AttachmentState.INCOMING:
+                try:
+                    return self._migrations.settle(record, self._clock())
+                except HostagentError as exc:
+                    return [_act("failed", record, exc.message)]
             domain = self._guests.find(record.domain_uuid)
             try:
                 if domain is None:
@@ -165,8 +175,8 @@ class Reconciler:
         for record in self._store.list_attachments(connection_key=key):
             with self._locks.attachment(record.attachment_id):
                 current = self._store.get_attachment(record.attachment_id)
-                if current is None:
-                    continue
+                if current is None or current.state is AttachmentState.INCOMING:
+                    continue  # awaited: connected again below; released by its timeout
                 domain = self._guests.find(current.domain_uuid)
                 if domain is not None and any(self._presence.of(domain, current.alias)):
                     continue

@@ -21,6 +21,11 @@ from hostagent.api.models import Attachment, AttachRequest, DetachResult
 from hostagent.api.views import attachment_view
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
 from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.migration import (
+    DEFAULT_INCOMING_TIMEOUT,
+    Migrations,
+    domain_uuid_of,
+)
 from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentConflict,
@@ -54,6 +59,7 @@ class ServiceSettings:
     detach_retry_interval: float = 5.0
     boot_id: str = ""
     disk_discard: str = "unmap"  # [DEFAULT] disk_discard
+    incoming_migration_timeout: float = DEFAULT_INCOMING_TIMEOUT
 
 
 def request_hash(domain_uuid: str, request: AttachRequest) -> str:
@@ -61,6 +67,8 @@ def request_hash(domain_uuid: str, request: AttachRequest) -> str:
     canonical = request.model_dump(mode="json")
     canonical["domain"] = domain_uuid
     canonical["serial"] = request.serial or request.volume_id
+    if canonical.get("incoming_migration") is None:
+        canonical.pop("incoming_migration", None)  # the hash of a v1.0 request is unchanged
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -102,6 +110,13 @@ class AttachmentService:
             boot_id=settings.boot_id,
             metrics=self.metrics,
         )
+        self.migrations = Migrations(
+            store=store,
+            guests=guests,
+            locks=locks,
+            connections=self.connections,
+            incoming_timeout=settings.incoming_migration_timeout,
+        )
 
     # attach
 
@@ -127,6 +142,9 @@ class AttachmentService:
     def attach(self, attachment_id: str, request: AttachRequest) -> tuple[Attachment, bool]:
         """Attach; returns the attachment and whether this call created it (201 vs 200)."""
         connector, target = self.parse_target(request)
+        if request.incoming_migration is not None:
+            digest = request_hash(domain_uuid_of(request.domain), request)
+            return self.migrations.prepare(attachment_id, request, connector, target, digest)
         domain = self.guests.lookup(request.domain)
         digest = request_hash(domain.uuid, request)
         with self.locks.attachment(attachment_id):
@@ -251,6 +269,12 @@ class AttachmentService:
                 if tombstone is None:
                     raise AttachmentNotFound(f"no attachment {attachment_id}")
                 return DetachResult.model_validate(tombstone.result)
+            self.migrations.check_detach(record)
+            if record.state is AttachmentState.INCOMING:
+                released = self.migrations.release_incoming(record)
+                if released is not None:
+                    return released
+                record = self.store.get_attachment(attachment_id) or record  # it arrived
             if record.state is not AttachmentState.DETACHING:
                 self.store.set_attachment_state(attachment_id, AttachmentState.DETACHING)
                 failpoints.hit("detach.after_intent")

@@ -36,6 +36,13 @@ DEFAULT_OPTS = [
         min=0.1,
         help="Seconds one detach waits for the guest to release the device before 504.",
     ),
+    cfg.FloatOpt(
+        "incoming-migration-timeout",
+        default=3600.0,
+        min=0.0,
+        help="Seconds an incoming attachment (live migration, API.md v1.1) waits for its "
+        "domain; then reconcile releases it as abandoned.",
+    ),
     cfg.StrOpt(
         "boot-id-path",
         default="/proc/sys/kernel/random/boot_id",

@@ -31,6 +31,7 @@ from hostagent.api.views import ReadViews
 from hostagent.attachments.extend import VolumeExtender
 from hostagent.attachments.guest_disks import GuestDisks
 from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.migration import Arrivals
 from hostagent.attachments.rebuild import rebuild_state, unrecorded_disks
 from hostagent.attachments.reconcile import Reconciler, VanishedDomains
 from hostagent.attachments.service import AttachmentService, ServiceSettings
@@ -190,6 +191,7 @@ def build_core(
         boot_id=settings.boot_id,
         tombstone_ttl=tombstone_ttl,
         clock=clock,
+        migrations=service.migrations,
     )
     return service, reconciler
 
@@ -285,6 +287,7 @@ def run(conf: cfg.ConfigOpts) -> int:
                 detach_retry_interval=conf.libvirt.detach_retry_interval,
                 boot_id=boot_id,
                 disk_discard=conf.disk_discard,
+                incoming_migration_timeout=conf.incoming_migration_timeout,
             ),
             metrics=metrics,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
@@ -293,6 +296,8 @@ def run(conf: cfg.ConfigOpts) -> int:
         service.connections.move_to_current_keys()
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
+        arrivals = Arrivals(service.migrations)
+        guests.on_arrival(arrivals.notify)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
         guests.start()  # connects (and reconciles) now if libvirtd answers
         if state_is_new and guests.connected:
@@ -326,6 +331,7 @@ def run(conf: cfg.ConfigOpts) -> int:
         sock = inherited or bind_unix_socket(socket_path)
         periodic.start()
         vanished.start()
+        arrivals.start()
         try:
             limits = ConnectionLimits(conf.api.header_timeout, conf.api.max_connections)
             asyncio.run(serve(app, sock, conf.detach_timeout + 30, limits))
@@ -336,6 +342,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             signal.signal(signal.SIGINT, _already_stopping)
             periodic.stop()
             vanished.stop()
+            arrivals.stop()
             executor.shutdown(wait=True)
             guests.stop()
             store.close()

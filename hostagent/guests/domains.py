@@ -96,6 +96,16 @@ ConnectionListener = Callable[[], None]
 # (domain UUID, libvirt lifecycle event, detail), called on the event-loop thread
 LifecycleListener = Callable[[str, int, int], None]
 
+# (domain UUID) of a domain starting or resuming here by migration, on the event-loop thread
+ArrivalListener = Callable[[str], None]
+# The lifecycle events of a destination: Started/Migrated, then Resumed/Migrated.
+_ARRIVAL_EVENTS = frozenset(
+    {
+        (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED),
+        (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED),
+    }
+)
+
 # Lifecycle events after which a domain has no live devices (and may be gone).
 _STOPPING_EVENTS = frozenset(
     {
@@ -113,6 +123,7 @@ class Guests:
         self.uri = uri
         self.removals = DeviceRemovedWaiter()
         self._lifecycle_listeners: list[LifecycleListener] = []
+        self._arrival_listeners: list[ArrivalListener] = []
         self.session = LibvirtSession(
             uri, register_events=self._register_events, connections=connections
         )
@@ -134,6 +145,11 @@ class Guests:
         It runs on libvirt's event-loop thread: it must hand work off, not do it.
         """
         self._lifecycle_listeners.append(listener)
+
+    def on_arrival(self, listener: ArrivalListener) -> None:
+        """Call ``listener(uuid)`` when a domain starts or resumes here by migration
+        (on libvirt's event-loop thread: hand work off)."""
+        self._arrival_listeners.append(listener)
 
     @property
     def connected(self) -> bool:
@@ -162,6 +178,7 @@ class Guests:
         self.removals.removal_failed(dom.UUIDString(), alias)
 
     def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        self._migrated_here(dom, event, detail)
         if event not in _STOPPING_EVENTS:
             return
         domain_uuid = str(dom.UUIDString())
@@ -172,6 +189,20 @@ class Guests:
                 listener(domain_uuid, event, detail)
             except Exception:
                 LOG.exception("lifecycle listener failed")
+
+    def _migrated_here(self, dom: Any, event: int, detail: int) -> None:
+        """libvirt takes one lifecycle callback per connection: ``_lifecycle`` calls this."""
+        if (event, detail) not in _ARRIVAL_EVENTS:
+            return
+        domain_uuid = str(dom.UUIDString())
+        LOG.info(
+            "domain %s (%s): arriving by migration (%d/%d)", dom.name(), domain_uuid, event, detail
+        )
+        for listener in self._arrival_listeners:
+            try:
+                listener(domain_uuid)
+            except Exception:
+                LOG.exception("arrival listener failed")
 
     # calls
 
@@ -305,6 +336,36 @@ class Guests:
             dom.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
         self.session.on_domain(domain_uuid, f"resize {alias} in", run)
+
+    def migrating(self, domain_uuid: str) -> bool:
+        """Whether a migration of the domain is under way: one out of this host
+        (a libvirt job), or one into it that has not resumed the guest yet.
+        False once the domain is gone."""
+
+        def run(dom: Any) -> bool:
+            try:
+                operation = dom.jobStats(0).get("operation")
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False  # not running: no job
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
+                    raise
+                # "migration statistics are available only on the source host":
+                # the destination's side of a migration job
+                operation = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN
+            if operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
+                return True
+            # an arriving domain is here once libvirt resumed it, its job ending
+            return bool(
+                operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN
+                and dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING
+            )
+
+        try:
+            migrating: bool = self.session.on_domain(domain_uuid, "job of", run)
+        except DomainNotFound:
+            return False
+        return migrating
 
     # secrets (connectors.SecretKeeper): the cephx keys QEMU's librbd reads
 

@@ -14,6 +14,8 @@ class AttachmentState(StrEnum):
     ATTACHING = "attaching"
     ATTACHED = "attached"
     DETACHING = "detaching"
+    # connected and counted for a domain expected to arrive by live migration
+    INCOMING = "incoming"
 
 
 class ConnectionState(StrEnum):

@@ -12,29 +12,17 @@ import os
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS connections (
-    connection_key     TEXT PRIMARY KEY,
-    driver_volume_type TEXT NOT NULL,
-    connection_data    TEXT NOT NULL,
-    disk_format        TEXT NOT NULL,
-    device_path        TEXT,
-    device_info        TEXT,
-    state              TEXT NOT NULL
-        CHECK (state IN ('connecting', 'connected', 'disconnecting')),
-    boot_id            TEXT NOT NULL,
-    created_at         REAL NOT NULL,
-    connected_at       REAL
-);
-CREATE TABLE IF NOT EXISTS attachments (
+# Schema 2 (live migration) adds the state incoming.
+_ATTACHMENT_COLUMNS = """
     attachment_id  TEXT PRIMARY KEY,
     volume_id      TEXT NOT NULL,
     domain_uuid    TEXT NOT NULL,
     domain_name    TEXT NOT NULL,
     connection_key TEXT NOT NULL REFERENCES connections (connection_key),
-    state          TEXT NOT NULL CHECK (state IN ('attaching', 'attached', 'detaching')),
+    state          TEXT NOT NULL
+        CHECK (state IN ('attaching', 'attached', 'detaching', 'incoming')),
     multiattach    INTEGER NOT NULL,
     mode           TEXT NOT NULL,
     bus            TEXT NOT NULL,
@@ -48,7 +36,23 @@ CREATE TABLE IF NOT EXISTS attachments (
     UNIQUE (domain_uuid, volume_id),
     UNIQUE (domain_uuid, connection_key),
     UNIQUE (domain_uuid, target_dev)
+"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS connections (
+    connection_key     TEXT PRIMARY KEY,
+    driver_volume_type TEXT NOT NULL,
+    connection_data    TEXT NOT NULL,
+    disk_format        TEXT NOT NULL,
+    device_path        TEXT,
+    device_info        TEXT,
+    state              TEXT NOT NULL
+        CHECK (state IN ('connecting', 'connected', 'disconnecting')),
+    boot_id            TEXT NOT NULL,
+    created_at         REAL NOT NULL,
+    connected_at       REAL
 );
+CREATE TABLE IF NOT EXISTS attachments ({_ATTACHMENT_COLUMNS});
 CREATE INDEX IF NOT EXISTS attachments_by_connection ON attachments (connection_key);
 CREATE INDEX IF NOT EXISTS attachments_by_volume ON attachments (volume_id);
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -59,6 +63,15 @@ CREATE TABLE IF NOT EXISTS tombstones (
     detached_at   REAL NOT NULL
 );
 """
+
+_COPY_INTO_SCHEMA_2 = f"""
+BEGIN IMMEDIATE;
+ALTER TABLE attachments RENAME TO attachments_v1;
+CREATE TABLE attachments ({_ATTACHMENT_COLUMNS});
+INSERT INTO attachments SELECT * FROM attachments_v1;
+DROP TABLE attachments_v1;
+COMMIT;
+"""  # noqa: S608 (constants only, no input)
 
 
 class StoreError(RuntimeError):
@@ -81,6 +94,14 @@ def open_state_file(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _add_incoming_state(db: sqlite3.Connection) -> None:
+    """Schema 1 to 2: sqlite cannot change a CHECK constraint, so the
+    attachments table is copied into one that allows ``incoming``."""
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.executescript(_COPY_INTO_SCHEMA_2)
+    db.execute("PRAGMA foreign_keys=ON")
+
+
 def _check_and_migrate(db: sqlite3.Connection, path: Path) -> None:
     result = db.execute("PRAGMA quick_check").fetchone()[0]
     if result != "ok":
@@ -93,6 +114,8 @@ def _check_and_migrate(db: sqlite3.Connection, path: Path) -> None:
         raise StoreError(
             f"state file {path} has schema {version}, newer than this hostagent's {SCHEMA_VERSION}"
         )
+    if version == 1:
+        _add_incoming_state(db)
     db.executescript(_SCHEMA)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     for sidecar in ("-wal", "-shm"):

@@ -257,7 +257,7 @@ class Store:
                 a.domain_uuid,
                 a.domain_name,
                 a.connection_key,
-                AttachmentState.ATTACHING,
+                a.state,
                 int(a.multiattach),
                 a.mode,
                 a.bus,
@@ -321,6 +321,34 @@ class Store:
                 "UPDATE attachments SET target_dev = ?, disk_xml = ?, updated_at = ?"
                 " WHERE attachment_id = ?",
                 (target_dev, disk_xml, self._clock(), attachment_id),
+            )
+
+    def set_incoming_disk(self, attachment_id: str, disk_xml: str) -> None:
+        """Record the disk an incoming attachment's domain is to arrive with."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attachments SET disk_xml = ?, updated_at = ? WHERE attachment_id = ?",
+                (disk_xml, self._clock(), attachment_id),
+            )
+
+    def record_arrival(
+        self, attachment_id: str, *, domain_name: str, target_dev: str | None, disk_xml: str
+    ) -> None:
+        """An incoming attachment's domain runs here with the disk: ``attached``,
+        with the name, target dev and disk the domain has now."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attachments SET state = ?, domain_name = ?, target_dev = ?,"
+                " disk_xml = ?, updated_at = ? WHERE attachment_id = ? AND state = ?",
+                (
+                    AttachmentState.ATTACHED,
+                    domain_name,
+                    target_dev,
+                    disk_xml,
+                    self._clock(),
+                    attachment_id,
+                    AttachmentState.INCOMING,
+                ),
             )
 
     def set_attachment_state(self, attachment_id: str, state: AttachmentState) -> None:

@@ -373,7 +373,7 @@ def assert_consistent(
     """
     attachments = {a.attachment_id: a for a in client.list()}
     connections = {c.connection_key: c for c in client.connections().connections}
-    recorded_aliases = {(a.domain_uuid, f"ua-{a.attachment_id}") for a in attachments.values()}
+    recorded_aliases = {(a.domain_uuid, a.alias) for a in attachments.values()}
     for guest in guests:
         try:
             active = bool(guest.dom.isActive())
@@ -397,7 +397,7 @@ def assert_consistent(
         owner = next((g for g in guests if g.uuid == attachment.domain_uuid), None)
         if owner is None:
             continue
-        user_alias = f"ua-{attachment.attachment_id}"
+        user_alias = attachment.alias
         present = owner.disk(user_alias) is not None or (
             owner.persistent and owner.disk(user_alias, inactive=True) is not None
         )

@@ -47,6 +47,7 @@ class RecordingGuests(Guests):
         self.calls: list[tuple[str, str, bool, bool]] = []
         self.refuse_attach: str | None = None
         self.crash_on_attach: Literal["before", "after"] | None = None
+        self.migrating_domains: set[str] = set()  # UUIDs in a libvirt migration job
         self._domains: dict[str, _Domain] = {}
         # The size QEMU gives each live disk, by (domain UUID, alias); a disk
         # attached live starts at ``disk_size_at_attach``.
@@ -64,6 +65,17 @@ class RecordingGuests(Guests):
             etree.fromstring(xml) if active else None,
             etree.fromstring(xml) if persistent else None,
         )
+        return info
+
+    def arrive(self, domain_uuid: str, name: str, *disks: str) -> DomainInfo:
+        """A transient domain with these disks (XML) starts here by migration."""
+        info = DomainInfo(domain_uuid, name, active=True, persistent=False)
+        xml = (
+            f"<domain type='kvm'><name>{name}</name><uuid>{domain_uuid}</uuid><devices/></domain>"
+        )
+        self._domains[domain_uuid] = _Domain(info, etree.fromstring(xml), None)
+        for disk in disks:
+            self._apply(domain_uuid, disk, live=True, config=False)
         return info
 
     def vanish(self, domain: DomainInfo) -> None:
@@ -117,6 +129,9 @@ class RecordingGuests(Guests):
         wanted = state.config if inactive else state.live
         root = wanted if wanted is not None else (state.live if inactive else state.config)
         return str(etree.tostring(root, encoding="unicode"))
+
+    def migrating(self, domain_uuid: str) -> bool:
+        return domain_uuid in self.migrating_domains and domain_uuid in self._domains
 
     def attach_device(self, domain_uuid: str, xml: str, *, live: bool, config: bool) -> None:
         self.calls.append(("attach", _describe(xml), live, config))

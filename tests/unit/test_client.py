@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from hostagent.api.models import Attachment
-from hostagent.client import ApiError, HostagentClient
+from hostagent.client import ApiError, HostagentClient, destination_xml
 
 
 class RecordingServer:
@@ -84,6 +85,7 @@ def test_typed_methods_return_the_api_models(socket_path: Path) -> None:
         "domain_uuid": "b4f69ee9-b2a7-4507-91d8-c49a753f8f04",
         "domain_name": "demo-1",
         "state": "attached",
+        "alias": "ua-a1",
         "target_dev": "sda",
         "bus": "scsi",
         "mode": "rw",
@@ -103,3 +105,41 @@ def test_typed_methods_return_the_api_models(socket_path: Path) -> None:
     assert server.request_lines == ["GET /v1/attachments HTTP/1.1"]
     assert listed == [Attachment.model_validate(attachment)]
     assert isinstance(listed[0], Attachment)
+
+
+def test_destination_xml_gives_each_agent_disk_the_destination_source() -> None:
+    domain = (
+        "<domain><name>m</name><devices>"
+        "<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        "<source dev='/dev/on-source'/><target dev='sdb' bus='scsi'/><shareable/>"
+        "<alias name='ua-s1'/><address type='drive' controller='0' bus='0' target='0' unit='1'/>"
+        "</disk><disk type='file' device='cdrom'><source file='/x.iso'/>"
+        "<target dev='sdc' bus='scsi'/></disk></devices></domain>"
+    )
+    incoming = Attachment(
+        attachment_id="d1",
+        volume_id="v",
+        domain_uuid="u",
+        domain_name="u",
+        state="incoming",
+        alias="ua-s1",
+        target_dev=None,
+        bus="scsi",
+        mode="rw",
+        multiattach=True,
+        shareable=True,
+        connection_key="local:/dev/on-destination",
+        device_path="/dev/on-destination",
+        host_refcount=1,
+        disk_xml="<disk type='block' device='disk'><source dev='/dev/on-destination'/>"
+        "<target dev='sda' bus='scsi'/><alias name='ua-s1'/></disk>",
+    )
+    out = etree.fromstring(destination_xml(domain, [incoming]).encode())
+    disk = out.find("./devices/disk[@device='disk']")
+    assert disk is not None
+    assert disk.xpath("string(./source/@dev)") == "/dev/on-destination"
+    assert disk.xpath("string(./target/@dev)") == "sdb", "the source's target stays"
+    assert disk.xpath("string(./address/@unit)") == "1"
+    assert out.xpath("string(./devices/disk[@device='cdrom']/source/@file)") == "/x.iso"
+    with pytest.raises(ValueError, match="ua-s1"):
+        destination_xml("<domain><devices/></domain>", [incoming])
