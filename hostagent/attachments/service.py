@@ -20,7 +20,7 @@ from hostagent import connectors, failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult
 from hostagent.api.views import attachment_view
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
-from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.host_connections import DomainBack, HostConnections
 from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentConflict,
@@ -46,6 +46,10 @@ from hostagent.state.store import (
 )
 
 LOG = logging.getLogger(__name__)
+
+# A DELETE whose domain is defined again with the disk removes it again at most
+# this often before it gives up (504): someone keeps defining it back.
+_REDEFINED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -260,23 +264,56 @@ class AttachmentService:
                 record.domain_name,
             )
             with self.metrics.phase("removal_wait"):
-                self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+                domain_gone = self._remove_from_domain(
+                    record, timeout=self.settings.detach_timeout
+                )
             failpoints.hit("detach.after_removal")
+            if domain_gone:
+                return self._release_of_vanished(record)
             return self.connections.release(record)
 
-    def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> None:
+    def _release_of_vanished(self, record: AttachmentRecord) -> DetachResult:
+        """Release a record whose domain was not found, unless a domain with its
+        UUID holds the disk again when the record is about to be dropped
+        (undefined and defined again meanwhile): then remove it from there first,
+        so a ``detached`` answer never leaves the disk on the domain."""
+        for _ in range(_REDEFINED_ROUNDS):
+            try:
+                return self.connections.release(
+                    record,
+                    domain_back=lambda: any(
+                        self.presence.find(record.domain_uuid, record.alias) or (False, False)
+                    ),
+                )
+            except DomainBack:
+                LOG.warning(
+                    "attachment %s: domain %s was defined again holding %s; removing it",
+                    record.attachment_id,
+                    record.domain_uuid,
+                    record.alias,
+                )
+                with self.metrics.phase("removal_wait"):
+                    self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+        raise DetachTimeout(
+            f"domain {record.domain_uuid} was defined again holding {record.alias} after "
+            f"each of {_REDEFINED_ROUNDS} removals; the attachment stays detaching and the "
+            "host connection stays; retry the DELETE"
+        )
+
+    def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> bool:
         """Detach the disk by alias and wait until libvirt confirms it is gone.
 
         The first request is optimistic (live if running, config if
         persistent); a refusal sends us to the XML to see where the disk
         really is. The waiter is registered before each detach call, the
         live XML is re-read to confirm removal, and the request is repeated
-        every ``detach_retry_interval`` until ``timeout``.
+        every ``detach_retry_interval`` until ``timeout``. Returns True if the
+        domain was not found: its disk went with it (unless it is defined again).
         """
         deadline = self._monotonic() + timeout
         domain = self.guests.find(record.domain_uuid)
         if domain is None:
-            return
+            return True
         presence = (domain.active, domain.persistent)
         # A live unplug libvirt took may still be pending: one this call asks
         # for, or (a retried DELETE) the one an earlier call asked for. QEMU
@@ -299,7 +336,7 @@ class AttachmentService:
                         )
                     failpoints.hit("detach.after_request")
                 except DomainNotFound:
-                    return
+                    return True
                 except LibvirtError as exc:
                     actual = self.presence.find(record.domain_uuid, record.alias)
                     if actual is None or actual != presence:
@@ -321,6 +358,7 @@ class AttachmentService:
             # the lookup may have booted with the disk (an inactive domain's
             # XML is its config, where the disk is gone by now).
             presence = (self._in_live_xml(record), False)
+        return False
 
     def _in_live_xml(self, record: AttachmentRecord) -> bool:
         return self.presence.in_live_xml(record.domain_uuid, record.alias)

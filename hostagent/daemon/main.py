@@ -283,6 +283,7 @@ def run(conf: cfg.ConfigOpts) -> int:
         metrics.watch(store, lambda: guests.connected)
         vanished = VanishedDomains(reconciler)
         guests.on_lifecycle(vanished.notify)
+        guests.on_defined(vanished.defined)
         guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
         guests.start()  # connects (and reconciles) now if libvirtd answers
         if state_is_new and guests.connected:

@@ -330,6 +330,17 @@ class Store:
                 (state, self._clock(), attachment_id),
             )
 
+    def rename_domain(self, domain_uuid: str, name: str) -> int:
+        """Record ``name`` as the name of the domain with ``domain_uuid`` (``virsh
+        domrename``); returns how many attachments had another name."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE attachments SET domain_name = ?"
+                " WHERE domain_uuid = ? AND domain_name != ?",
+                (name, domain_uuid, name),
+            )
+            return cur.rowcount
+
     def adopt(self, attachment: AttachmentRecord, connection: ConnectionRecord) -> bool:
         """Record an attachment found in libvirt (``--rebuild-state``) as it is,
         with its connection up; False if its id is already known."""
