@@ -159,7 +159,16 @@ class Store:
             detached_at=row["detached_at"],
         )
 
+    def get_meta(self, key: str) -> str | None:
+        """A fact about the state itself (``meta`` table), None if never set."""
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
     # writes
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def begin_attach(
         self,
