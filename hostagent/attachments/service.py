@@ -253,6 +253,7 @@ class AttachmentService:
                 tombstone = self.store.get_tombstone(attachment_id)
                 if tombstone is None:
                     raise AttachmentNotFound(f"no attachment {attachment_id}")
+                self._warn_if_back(attachment_id, tombstone.domain_uuid)
                 return DetachResult.model_validate(tombstone.result)
             if record.state is not AttachmentState.DETACHING:
                 self.store.set_attachment_state(attachment_id, AttachmentState.DETACHING)
@@ -271,6 +272,30 @@ class AttachmentService:
             if domain_gone:
                 return self._release_of_vanished(record)
             return self.connections.release(record)
+
+    def _warn_if_back(self, attachment_id: str, domain_uuid: str) -> None:
+        """A replayed DELETE whose disk is on its domain again (released while the
+        domain was gone, then defined again with it): the answer stays the one
+        given, and the log says why the disk is still there."""
+        alias = user_alias(attachment_id)
+        if any(r.alias == alias for r in self.store.list_attachments(domain_uuid=domain_uuid)):
+            return  # recorded again (an attachment that arrived with that alias)
+        try:
+            presence = self.presence.find(domain_uuid, alias)
+        except HostagentError:
+            return  # a replay answers whatever libvirt's state
+        if presence is None or not any(presence):
+            return
+        LOG.warning(
+            "attachment %s was released when domain %s was gone; it was defined again "
+            "holding %s, which the agent no longer records and will not remove: "
+            "virsh detach-device-alias %s %s",
+            attachment_id,
+            domain_uuid,
+            alias,
+            domain_uuid,
+            alias,
+        )
 
     def _release_of_vanished(self, record: AttachmentRecord) -> DetachResult:
         """Release a record whose domain was not found, unless a domain with its

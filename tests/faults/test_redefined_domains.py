@@ -125,8 +125,10 @@ def test_undefine_then_define_later_is_reported_at_once(
     assert "released that attachment" in finding.detail
     assert "--rebuild-state" not in finding.suggestion
     assert f"virsh detach-device-alias {guest.name} {alias} --config" in finding.suggestion
-    # The caller's DELETE replays the release, which was the last user's.
+    # The caller's DELETE replays the release, which was the last user's, and
+    # the log says why the disk is still on the domain.
     assert client.detach(attachment_id).terminate_connection is True
+    assert f"{attachment_id} was released when domain {guest.uuid} was gone" in daemon.log()
 
 
 class GuestsDefiningBackBeforeListing(HostGuests):
