@@ -158,8 +158,8 @@ def warn_about_unrecorded_disks(store: Store, guests: Guests) -> bool:
         return False
     if found:
         LOG.error(
-            "the state at %s is new (no start that served from it has looked yet), but "
-            "guests hold %d disks made by hostagent (%s). "
+            "there is no state at %s yet (no start that looked has served from it), "
+            "but guests hold %d disks made by hostagent (%s). "
             "They are not recorded, so this agent will not detach or disconnect them. If "
             "the state was lost: stop hostagentd and run 'hostagentd --rebuild-state'.",
             store.path,
