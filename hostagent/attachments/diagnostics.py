@@ -16,6 +16,7 @@ from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
 from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import DeviceReference, matcher_for, references_in
 from hostagent.host.host_use import host_uses, identify
+from hostagent.libvirt_xml.policy import USER_ALIAS_PREFIX
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
@@ -23,6 +24,45 @@ from hostagent.state.store import (
     ConnectionState,
     Store,
 )
+
+
+def _released_here(store: Store, domain: DomainInfo, alias: str) -> bool:
+    """Whether the agent released the attachment of ``alias`` on this very domain
+    (its tombstone names the domain's UUID): the domain was gone, then defined
+    again with the disk."""
+    tombstone = store.get_tombstone(alias[len(USER_ALIAS_PREFIX) :])
+    return tombstone is not None and tombstone.domain_uuid == domain.uuid
+
+
+def unrecorded_disk_detail(store: Store, domain: DomainInfo, alias: str, where: str) -> str:
+    """What a ``ua-`` disk that no attachment record has means, for the doctor
+    and the warning when a domain is defined with one."""
+    if _released_here(store, domain, alias):
+        return (
+            f"{domain.name} holds {alias} ({where}) but the agent released that "
+            "attachment when the domain was gone (undefined, then defined again with "
+            "the disk); it will not detach it or disconnect its device, and the "
+            "device may be disconnected already"
+        )
+    return (
+        f"{domain.name} holds {alias} ({where}) but the agent has no record of it; it "
+        "will not detach or disconnect it"
+    )
+
+
+def _unrecorded_finding(store: Store, dd: DomainDisk, alias: str) -> Finding:
+    detach = f"virsh detach-device-alias {dd.domain.name} {alias} --{dd.where}"
+    if _released_here(store, dd.domain, alias):
+        # --rebuild-state adopts no id that has a tombstone
+        suggestion = f"{detach}, then attach the volume again with a fresh attachment id"
+    else:
+        suggestion = f"hostagentd --rebuild-state (service stopped), or {detach}"
+    return Finding(
+        kind="unrecorded_disk",
+        subject=dd.domain.name,
+        detail=unrecorded_disk_detail(store, dd.domain, alias, dd.where),
+        suggestion=suggestion,
+    )
 
 
 def _attachment_findings(
@@ -165,17 +205,8 @@ def diagnose(store: Store, guests: Guests, *, boot_id: str) -> DoctorReport:
     ours = {(r.domain_uuid, r.alias) for r in records}
     for dd in disks:
         alias = dd.disk.alias or ""
-        if alias.startswith("ua-") and (dd.domain.uuid, alias) not in ours:
-            findings.append(
-                Finding(
-                    kind="unrecorded_disk",
-                    subject=dd.domain.name,
-                    detail=f"{dd.domain.name} holds {alias} ({dd.where}) but the agent has no "
-                    "record of it; it will not detach or disconnect it",
-                    suggestion="hostagentd --rebuild-state (service stopped), or virsh "
-                    f"detach-device-alias {dd.domain.name} {alias} --{dd.where}",
-                )
-            )
+        if alias.startswith(USER_ALIAS_PREFIX) and (dd.domain.uuid, alias) not in ours:
+            findings.append(_unrecorded_finding(store, dd, alias))
     for connection in connections:
         findings += _host_use_findings(connection, records)
         findings += _connection_findings(

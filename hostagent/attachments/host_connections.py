@@ -82,6 +82,11 @@ def refuse_a_device_the_host_uses(device: HostDevice) -> None:
         )
 
 
+class DomainBack(Exception):
+    """A release of a domain that was not found met a domain with its UUID again
+    (undefined and defined again meanwhile): the attachment was not dropped."""
+
+
 def _why(exc: Exception) -> str:
     """What an os-brick or libvirt failure says, without the error's prefix."""
     return exc.message if isinstance(exc, HostagentError) else str(exc)
@@ -366,20 +371,26 @@ class HostConnections:
 
     # detach
 
-    def release(self, record: AttachmentRecord) -> DetachResult:
+    def release(
+        self, record: AttachmentRecord, *, domain_back: Callable[[], bool] | None = None
+    ) -> DetachResult:
         """Drop an attachment whose disk is gone; disconnect if it was the last user.
 
         While other attachments use the connection this is one transaction
         and no lock. The last user takes the connection lock, scans every
         domain (live and config) for the device, and disconnects only if none
         uses it. Raises DisconnectFailed (the attachment stays detaching)
-        when os-brick cannot release the connection.
+        when os-brick cannot release the connection. ``domain_back``, for a
+        record whose domain was not found, is asked under the domain's lock
+        right before the record is dropped (after the guard's scan): True
+        raises DomainBack and drops nothing.
         """
         key = record.connection_key
-        body = self.store.release_if_shared(record, _kept_for(record))
+        with self._unless_back(record, domain_back):
+            body = self.store.release_if_shared(record, _kept_for(record))
         if body is None:
             with self.exclusive(key):
-                body = self._release_last(record)
+                body = self._release_last(record, domain_back)
         result = DetachResult.model_validate(body)
         LOG.info(
             "attachment %s: volume %s detached from %s; %s refcount %d%s",
@@ -392,16 +403,34 @@ class HostConnections:
         )
         return result
 
-    def _release_last(self, record: AttachmentRecord) -> Mapping[str, object]:
+    @contextlib.contextmanager
+    def _unless_back(
+        self, record: AttachmentRecord, domain_back: Callable[[], bool] | None
+    ) -> Iterator[None]:
+        """Raise DomainBack if ``domain_back()``, else run the block, both under
+        the domain's lock (nothing of ours changes that domain meanwhile)."""
+        if domain_back is None:
+            yield
+            return
+        with self.locks.domain(record.domain_uuid):
+            if domain_back():
+                raise DomainBack(record.domain_uuid)
+            yield
+
+    def _release_last(
+        self, record: AttachmentRecord, domain_back: Callable[[], bool] | None = None
+    ) -> Mapping[str, object]:
         """The caller holds the connection lock and was the last user a moment ago."""
         key = record.connection_key
         connection = self.store.get_connection(key)
         assert connection is not None
-        if self._still_referenced(record, connection) or not self.store.mark_disconnecting(
-            key, excluding=record.attachment_id
-        ):
-            # Kept for a domain that still uses the device, or attached again meanwhile.
-            return self._keep(record)
+        referenced = self._still_referenced(record, connection)
+        with self._unless_back(record, domain_back):
+            if referenced or not self.store.mark_disconnecting(
+                key, excluding=record.attachment_id
+            ):
+                # Kept for a domain that still uses the device, or attached again meanwhile.
+                return self._keep(record)
         failpoints.hit("detach.after_mark_disconnecting")
         self._disconnect(connection)
         failpoints.hit("detach.after_disconnect")

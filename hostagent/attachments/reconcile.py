@@ -17,14 +17,17 @@ import time
 from collections.abc import Callable
 
 from hostagent.api.models import ReconcileAction, ReconcileReport
+from hostagent.attachments.diagnostics import unrecorded_disk_detail
 from hostagent.attachments.guest_disks import GuestDisks
-from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.host_connections import DomainBack, HostConnections
 from hostagent.attachments.migration import Migrations
-from hostagent.errors import HostagentError
+from hostagent.errors import DomainNotFound, HostagentError
 from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domain_scan import scan_domain_disks
-from hostagent.guests.domains import Guests
+from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import device_users, matcher_for, references_in
+from hostagent.libvirt_xml.disk import parse_disk_refs
+from hostagent.libvirt_xml.policy import USER_ALIAS_PREFIX
 from hostagent.locks import HostLocks
 from hostagent.observability import logctx
 from hostagent.state.store import (
@@ -114,15 +117,8 @@ class Reconciler:
             domain = self._guests.find(record.domain_uuid)
             try:
                 if domain is None:
-                    result = self._connections.release(record)
-                    return [
-                        _act(
-                            "released",
-                            record,
-                            f"domain {record.domain_name} no longer "
-                            f"exists; terminate_connection={result.terminate_connection}",
-                        )
-                    ]
+                    return self._release_vanished(record)
+                renamed = self._refresh_name(record, domain)
                 in_live, in_config = self._presence.of(domain, record.alias)
                 present = in_live or in_config
                 if record.state is AttachmentState.ATTACHING:
@@ -154,16 +150,91 @@ class Reconciler:
                     ]
                 if not present:
                     return [
+                        *renamed,
                         _act(
                             "missing_disk",
                             record,
                             f"{domain.name} no longer has {record.alias}; "
                             "DELETE the attachment to release it",
-                        )
+                        ),
                     ]
             except HostagentError as exc:
                 return [_act("failed", record, exc.message)]
-        return []
+        return renamed
+
+    def _release_vanished(self, record: AttachmentRecord) -> list[ReconcileAction]:
+        """Release a record whose domain was not found, unless a domain with its
+        UUID exists again when the record is about to be dropped (undefined and
+        defined again: it keeps its attachment; a rename is no vanishing)."""
+        try:
+            result = self._connections.release(
+                record, domain_back=lambda: self._guests.find(record.domain_uuid) is not None
+            )
+        except DomainBack:
+            return [
+                _act(
+                    "domain_back",
+                    record,
+                    f"domain {record.domain_uuid} exists again; the attachment stays",
+                )
+            ]
+        return [
+            _act(
+                "released",
+                record,
+                f"domain {record.domain_name} no longer "
+                f"exists; terminate_connection={result.terminate_connection}",
+            )
+        ]
+
+    def _refresh_name(self, record: AttachmentRecord, domain: DomainInfo) -> list[ReconcileAction]:
+        """Keep the recorded name of the domain current (``virsh domrename``)."""
+        if domain.name == record.domain_name:
+            return []
+        self._store.rename_domain(domain.uuid, domain.name)
+        return [
+            _act("domain_renamed", record, f"domain {record.domain_name} is now {domain.name}")
+        ]
+
+    def domain_defined(self, domain_uuid: str) -> list[ReconcileAction]:
+        """A domain was defined (new, changed, renamed, or defined again after an
+        undefine): record its current name, and say at once if it holds a disk
+        made by this agent that no record of ours has."""
+        domain = self._guests.find(domain_uuid)
+        if domain is None:
+            return []
+        actions: list[ReconcileAction] = []
+        # One UPDATE by UUID to the name libvirt has now: no lock needed, the
+        # last handler writes the latest name.
+        for record in self._store.list_attachments(domain_uuid=domain_uuid):
+            actions += self._refresh_name(record, domain)
+        ours = {r.alias for r in self._store.list_attachments(domain_uuid=domain_uuid)}
+        for alias, where in sorted(self._agent_disks(domain)):
+            if alias in ours:
+                continue
+            detail = unrecorded_disk_detail(self._store, domain, alias, where)
+            LOG.warning("%s", detail)
+            actions.append(
+                ReconcileAction(action="unrecorded_disk", subject=domain.name, detail=detail)
+            )
+        return actions
+
+    def _agent_disks(self, domain: DomainInfo) -> set[tuple[str, str]]:
+        """(alias, live|config) of every disk with a ``ua-`` alias the domain holds."""
+        views = []
+        try:
+            if domain.active:
+                views.append(("live", self._guests.domain_xml(domain.uuid)))
+            if domain.persistent:
+                views.append(("config", self._guests.domain_xml(domain.uuid, inactive=True)))
+        except DomainNotFound:
+            return set()
+        return {
+            (disk.alias, where)
+            for where, xml in views
+            for disk in parse_disk_refs(xml).disks
+            if disk.alias and disk.alias.startswith(USER_ALIAS_PREFIX)
+        }
 
     def _after_reboot(self, connection: ConnectionRecord) -> list[ReconcileAction]:
         """A connection made in an earlier boot is gone with it. Connect it again
@@ -329,17 +400,20 @@ def _act(action: str, record: AttachmentRecord, detail: str) -> ReconcileAction:
 
 
 class VanishedDomains:
-    """Releases the attachments of a domain as soon as libvirt reports it gone.
+    """Releases the attachments of a domain as soon as libvirt reports it gone,
+    and looks at a domain as soon as libvirt reports it defined.
 
     Fed by lifecycle events (a transient domain destroyed, a persistent one
-    undefined); works on its own thread, never on libvirt's event loop. The
-    periodic reconcile is the safety net for events missed while libvirtd
-    was unreachable.
+    undefined; any define, renames included); works on its own thread, never
+    on libvirt's event loop, one event after the other: the look at a domain
+    defined again comes after the release its undefine started. The periodic
+    reconcile is the safety net for events missed while libvirtd was
+    unreachable.
     """
 
     def __init__(self, reconciler: Reconciler) -> None:
         self._reconciler = reconciler
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="vanished-domains", daemon=True)
 
     def start(self) -> None:
@@ -351,21 +425,30 @@ class VanishedDomains:
             self._thread.join()
 
     def notify(self, domain_uuid: str, event: int, detail: int) -> None:
-        self._queue.put(domain_uuid)
+        self._queue.put(("gone", domain_uuid))
+
+    def defined(self, domain_uuid: str) -> None:
+        self._queue.put(("defined", domain_uuid))
 
     def _loop(self) -> None:
-        while (domain_uuid := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            what, domain_uuid = item
             try:
-                self.release_if_gone(domain_uuid)
+                if what == "defined":
+                    self.look_at_defined(domain_uuid)
+                else:
+                    self.release_if_gone(domain_uuid)
             except HostagentError as exc:
                 LOG.warning(
-                    "domain %s: release after it vanished failed: %s; the periodic "
-                    "reconcile will retry",
+                    "domain %s: %s failed: %s; the periodic reconcile will retry",
                     domain_uuid,
+                    "the look after its define"
+                    if what == "defined"
+                    else "release after it vanished",
                     exc.message,
                 )
             except Exception:
-                LOG.exception("domain %s: release after it vanished failed", domain_uuid)
+                LOG.exception("domain %s: handling of its lifecycle event failed", domain_uuid)
 
     def release_if_gone(self, domain_uuid: str) -> list[ReconcileAction]:
         actions = self._reconciler.domain_gone(domain_uuid)
@@ -377,4 +460,17 @@ class VanishedDomains:
                 action.subject,
                 action.detail,
             )
+        return actions
+
+    def look_at_defined(self, domain_uuid: str) -> list[ReconcileAction]:
+        actions = self._reconciler.domain_defined(domain_uuid)
+        for action in actions:
+            if action.action != "unrecorded_disk":  # logged as a warning already
+                LOG.info(
+                    "domain %s defined: %s %s: %s",
+                    domain_uuid,
+                    action.action,
+                    action.subject,
+                    action.detail,
+                )
         return actions

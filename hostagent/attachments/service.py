@@ -20,7 +20,7 @@ from hostagent import connectors, failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult
 from hostagent.api.views import attachment_view
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
-from hostagent.attachments.host_connections import HostConnections
+from hostagent.attachments.host_connections import DomainBack, HostConnections
 from hostagent.attachments.migration import (
     DEFAULT_INCOMING_TIMEOUT,
     Migrations,
@@ -51,6 +51,10 @@ from hostagent.state.store import (
 )
 
 LOG = logging.getLogger(__name__)
+
+# A DELETE whose domain is defined again with the disk removes it again at most
+# this often before it gives up (504): someone keeps defining it back.
+_REDEFINED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,7 @@ class AttachmentService:
                 tombstone = self.store.get_tombstone(attachment_id)
                 if tombstone is None:
                     raise AttachmentNotFound(f"no attachment {attachment_id}")
+                self._warn_if_back(attachment_id, tombstone.domain_uuid)
                 return DetachResult.model_validate(tombstone.result)
             self.migrations.check_detach(record)
             if record.state is AttachmentState.INCOMING:
@@ -285,23 +290,80 @@ class AttachmentService:
                 record.domain_name,
             )
             with self.metrics.phase("removal_wait"):
-                self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+                domain_gone = self._remove_from_domain(
+                    record, timeout=self.settings.detach_timeout
+                )
             failpoints.hit("detach.after_removal")
+            if domain_gone:
+                return self._release_of_vanished(record)
             return self.connections.release(record)
 
-    def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> None:
+    def _warn_if_back(self, attachment_id: str, domain_uuid: str) -> None:
+        """A replayed DELETE whose disk is on its domain again (released while the
+        domain was gone, then defined again with it): the answer stays the one
+        given, and the log says why the disk is still there."""
+        alias = user_alias(attachment_id)
+        if any(r.alias == alias for r in self.store.list_attachments(domain_uuid=domain_uuid)):
+            return  # recorded again (an attachment that arrived with that alias)
+        try:
+            presence = self.presence.find(domain_uuid, alias)
+        except HostagentError:
+            return  # a replay answers whatever libvirt's state
+        if presence is None or not any(presence):
+            return
+        LOG.warning(
+            "attachment %s was released when domain %s was gone; it was defined again "
+            "holding %s, which the agent no longer records and will not remove: "
+            "virsh detach-device-alias %s %s",
+            attachment_id,
+            domain_uuid,
+            alias,
+            domain_uuid,
+            alias,
+        )
+
+    def _release_of_vanished(self, record: AttachmentRecord) -> DetachResult:
+        """Release a record whose domain was not found, unless a domain with its
+        UUID holds the disk again when the record is about to be dropped
+        (undefined and defined again meanwhile): then remove it from there first,
+        so a ``detached`` answer never leaves the disk on the domain."""
+        for _ in range(_REDEFINED_ROUNDS):
+            try:
+                return self.connections.release(
+                    record,
+                    domain_back=lambda: any(
+                        self.presence.find(record.domain_uuid, record.alias) or (False, False)
+                    ),
+                )
+            except DomainBack:
+                LOG.warning(
+                    "attachment %s: domain %s was defined again holding %s; removing it",
+                    record.attachment_id,
+                    record.domain_uuid,
+                    record.alias,
+                )
+                with self.metrics.phase("removal_wait"):
+                    self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+        raise DetachTimeout(
+            f"domain {record.domain_uuid} was defined again holding {record.alias} after "
+            f"each of {_REDEFINED_ROUNDS} removals; the attachment stays detaching and the "
+            "host connection stays; retry the DELETE"
+        )
+
+    def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> bool:
         """Detach the disk by alias and wait until libvirt confirms it is gone.
 
         The first request is optimistic (live if running, config if
         persistent); a refusal sends us to the XML to see where the disk
         really is. The waiter is registered before each detach call, the
         live XML is re-read to confirm removal, and the request is repeated
-        every ``detach_retry_interval`` until ``timeout``.
+        every ``detach_retry_interval`` until ``timeout``. Returns True if the
+        domain was not found: its disk went with it (unless it is defined again).
         """
         deadline = self._monotonic() + timeout
         domain = self.guests.find(record.domain_uuid)
         if domain is None:
-            return
+            return True
         presence = (domain.active, domain.persistent)
         # A live unplug libvirt took may still be pending: one this call asks
         # for, or (a retried DELETE) the one an earlier call asked for. QEMU
@@ -324,7 +386,7 @@ class AttachmentService:
                         )
                     failpoints.hit("detach.after_request")
                 except DomainNotFound:
-                    return
+                    return True
                 except LibvirtError as exc:
                     actual = self.presence.find(record.domain_uuid, record.alias)
                     if actual is None or actual != presence:
@@ -346,6 +408,7 @@ class AttachmentService:
             # the lookup may have booted with the disk (an inactive domain's
             # XML is its config, where the disk is gone by now).
             presence = (self._in_live_xml(record), False)
+        return False
 
     def _in_live_xml(self, record: AttachmentRecord) -> bool:
         return self.presence.in_live_xml(record.domain_uuid, record.alias)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -47,6 +48,30 @@ from hostagent.state.store import Store, StoreError
 LOG = logging.getLogger("hostagent")
 
 STATE_FILE = "hostagent.sqlite3"
+# meta key: when a start that could serve had looked for ua- disks the state
+# does not record (the first-start warning); until then every start looks.
+UNRECORDED_DISKS_CHECKED = "unrecorded_disks_checked_at"
+
+
+class StateDirUnsafe(RuntimeError):
+    """The state dir may be read or changed by others than the daemon's user."""
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """Make the state dir (0700) or check the one that exists: it holds the
+    connection data os-brick needs to disconnect (credentials). One that others
+    may read or write is refused, not changed: it may be shared on purpose
+    (a state dir of /tmp), and its contents may have been tampered with."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = state_dir.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 or st.st_uid != os.geteuid():
+        raise StateDirUnsafe(
+            f"state dir {state_dir} has mode {mode:04o} and owner uid {st.st_uid}; it must "
+            f"be 0700 and owned by uid {os.geteuid()} (it holds the data needed to "
+            f"disconnect volumes, credentials included): check its contents, then "
+            f"chown {os.geteuid()} {state_dir}; chmod 700 {state_dir}"
+        )
 
 
 def read_boot_id(path: str) -> str:
@@ -124,23 +149,26 @@ def rebuild(store: Store, guests: Guests, *, boot_id: str) -> int:
     return 0
 
 
-def warn_about_unrecorded_disks(store: Store, guests: Guests) -> None:
+def warn_about_unrecorded_disks(store: Store, guests: Guests) -> bool:
     """A first start is normal, unless guests already hold disks this agent made.
-    Only a warning: if libvirt cannot be read now, serving still starts."""
+    Only a warning: if libvirt cannot be read now, serving still starts (and
+    False says the look did not happen)."""
     try:
         found = unrecorded_disks(store, guests)
     except HostagentError as exc:
         LOG.warning("could not look for disks made by an earlier hostagent: %s", exc.message)
-        return
+        return False
     if found:
         LOG.error(
-            "there was no state file at %s, but guests hold %d disks made by hostagent (%s). "
+            "there is no state at %s yet (no start that looked has served from it), "
+            "but guests hold %d disks made by hostagent (%s). "
             "They are not recorded, so this agent will not detach or disconnect them. If "
             "the state was lost: stop hostagentd and run 'hostagentd --rebuild-state'.",
             store.path,
             len(found),
             ", ".join(f"{f.disk.alias} on {f.domain.name}" for f in found[:10]),
         )
+    return True
 
 
 def build_core(
@@ -257,13 +285,29 @@ def prepare_os_brick(lock_dir: Path) -> None:
         os_brick_privileged.default.set_client_mode(False)
 
 
+def listen_to_libvirt(
+    guests: Guests, service: AttachmentService, reconciler: Reconciler
+) -> tuple[VanishedDomains, Arrivals]:
+    """What libvirt's events start: releases of vanished domains (and a look at
+    domains defined again), arrivals by migration, a reconcile on reconnect."""
+    vanished = VanishedDomains(reconciler)
+    guests.on_lifecycle(vanished.notify)
+    guests.on_defined(vanished.defined)
+    arrivals = Arrivals(service.migrations)
+    guests.on_arrival(arrivals.notify)
+    guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
+    return vanished, arrivals
+
+
 def run(conf: cfg.ConfigOpts) -> int:
     state_dir = Path(conf.state_dir).absolute()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_state_dir(state_dir)
     prepare_os_brick(state_dir / "locks")
     with state_dir_guard(state_dir):
-        state_is_new = not (state_dir / STATE_FILE).exists()
         store = Store(state_dir / STATE_FILE)
+        # In the state, not "the file is missing": a first start that failed
+        # (socket taken) leaves a file, and the next start must still look.
+        state_is_new = store.get_meta(UNRECORDED_DISKS_CHECKED) is None
         guests = Guests(conf.libvirt_uri, connections=conf.libvirt.connections)
         boot_id = read_boot_id(conf.boot_id_path)
         if conf.rebuild_state:
@@ -294,14 +338,9 @@ def run(conf: cfg.ConfigOpts) -> int:
         )
         metrics.watch(store, lambda: guests.connected)
         service.connections.move_to_current_keys()
-        vanished = VanishedDomains(reconciler)
-        guests.on_lifecycle(vanished.notify)
-        arrivals = Arrivals(service.migrations)
-        guests.on_arrival(arrivals.notify)
-        guests.on_connected(lambda: run_reconcile(reconciler, "after libvirt connect"))
+        vanished, arrivals = listen_to_libvirt(guests, service, reconciler)
         guests.start()  # connects (and reconciles) now if libvirtd answers
-        if state_is_new and guests.connected:
-            warn_about_unrecorded_disks(store, guests)
+        looked = state_is_new and guests.connected and warn_about_unrecorded_disks(store, guests)
         executor = ThreadPoolExecutor(conf.api.workers, thread_name_prefix="api")
         periodic = PeriodicReconcile(reconciler, guests, conf.reconcile.interval)
         policy = PeerPolicy.of(conf.api.allowed_uids, conf.api.allowed_gids)
@@ -329,6 +368,8 @@ def run(conf: cfg.ConfigOpts) -> int:
         inherited = inherited_socket()
         socket_path = Path(conf.socket_path).absolute()
         sock = inherited or bind_unix_socket(socket_path)
+        if looked:  # this start can serve: later ones need not look again
+            store.set_meta(UNRECORDED_DISKS_CHECKED, str(time.time()))
         periodic.start()
         vanished.start()
         arrivals.start()

@@ -3,7 +3,8 @@
 Calls go through a ``LibvirtSession`` (a few connections, kept alive and
 reconnected; 503 while libvirtd is away). libvirt's event loop delivers
 ``DEVICE_REMOVED`` / ``DEVICE_REMOVAL_FAILED`` to the ``DeviceRemovedWaiter``
-and lifecycle events (a domain stopped or undefined) to listeners.
+and lifecycle events (a domain stopped or undefined; a domain defined) to
+listeners.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class DeviceRemovedWaiter:
 ConnectionListener = Callable[[], None]
 # (domain UUID, libvirt lifecycle event, detail), called on the event-loop thread
 LifecycleListener = Callable[[str, int, int], None]
+# (domain UUID), called on the event-loop thread
+DefinedListener = Callable[[str], None]
 
 # (domain UUID) of a domain starting or resuming here by migration, on the event-loop thread
 ArrivalListener = Callable[[str], None]
@@ -124,6 +127,8 @@ class Guests:
         self.removals = DeviceRemovedWaiter()
         self._lifecycle_listeners: list[LifecycleListener] = []
         self._arrival_listeners: list[ArrivalListener] = []
+
+        self._defined_listeners: list[DefinedListener] = []
         self.session = LibvirtSession(
             uri, register_events=self._register_events, connections=connections
         )
@@ -150,6 +155,14 @@ class Guests:
         """Call ``listener(uuid)`` when a domain starts or resumes here by migration
         (on libvirt's event-loop thread: hand work off)."""
         self._arrival_listeners.append(listener)
+
+    def on_defined(self, listener: DefinedListener) -> None:
+        """Call ``listener(uuid)`` for every domain defined: new, changed, renamed
+        (its new name), or defined again after an undefine.
+
+        It runs on libvirt's event-loop thread: it must hand work off, not do it.
+        """
+        self._defined_listeners.append(listener)
 
     @property
     def connected(self) -> bool:
@@ -179,10 +192,19 @@ class Guests:
 
     def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
         self._migrated_here(dom, event, detail)
+
+        if event == libvirt.VIR_DOMAIN_EVENT_DEFINED:
+            self._defined(dom, detail)
+            return
         if event not in _STOPPING_EVENTS:
             return
         domain_uuid = str(dom.UUIDString())
         LOG.info("domain %s (%s): lifecycle event %d/%d", dom.name(), domain_uuid, event, detail)
+        if (event, detail) == (
+            libvirt.VIR_DOMAIN_EVENT_UNDEFINED,
+            libvirt.VIR_DOMAIN_EVENT_UNDEFINED_RENAMED,
+        ):
+            return  # its old name: the domain goes on under the new one (DEFINED/RENAMED)
         self.removals.domain_stopped(domain_uuid)
         for listener in self._lifecycle_listeners:
             try:
@@ -203,6 +225,15 @@ class Guests:
                 listener(domain_uuid)
             except Exception:
                 LOG.exception("arrival listener failed")
+
+    def _defined(self, dom: Any, detail: int) -> None:
+        domain_uuid = str(dom.UUIDString())
+        LOG.info("domain %s (%s): defined (detail %d)", dom.name(), domain_uuid, detail)
+        for listener in self._defined_listeners:
+            try:
+                listener(domain_uuid)
+            except Exception:
+                LOG.exception("define listener failed")
 
     # calls
 

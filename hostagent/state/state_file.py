@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS connections (
 CREATE TABLE IF NOT EXISTS attachments ({_ATTACHMENT_COLUMNS});
 CREATE INDEX IF NOT EXISTS attachments_by_connection ON attachments (connection_key);
 CREATE INDEX IF NOT EXISTS attachments_by_volume ON attachments (volume_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tombstones (
     attachment_id TEXT PRIMARY KEY,
     volume_id     TEXT NOT NULL,

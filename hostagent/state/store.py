@@ -159,7 +159,16 @@ class Store:
             detached_at=row["detached_at"],
         )
 
+    def get_meta(self, key: str) -> str | None:
+        """A fact about the state itself (``meta`` table), None if never set."""
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
     # writes
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def begin_attach(
         self,
@@ -357,6 +366,17 @@ class Store:
                 "UPDATE attachments SET state = ?, updated_at = ? WHERE attachment_id = ?",
                 (state, self._clock(), attachment_id),
             )
+
+    def rename_domain(self, domain_uuid: str, name: str) -> int:
+        """Record ``name`` as the name of the domain with ``domain_uuid`` (``virsh
+        domrename``); returns how many attachments had another name."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE attachments SET domain_name = ?"
+                " WHERE domain_uuid = ? AND domain_name != ?",
+                (name, domain_uuid, name),
+            )
+            return cur.rowcount
 
     def adopt(self, attachment: AttachmentRecord, connection: ConnectionRecord) -> bool:
         """Record an attachment found in libvirt (``--rebuild-state``) as it is,
