@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from tests.conftest import DaemonFactory
-from tests.faults.test_crash_points import crashing_daemon, expect_kill, restart_clean
+from tests.faults.test_crash_points import expect_kill, restart_clean, start_crashing
 from tests.integration.support import (
     Guests,
     LoopDevices,
@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 def test_crash_after_the_host_refresh(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, "extend.after_host_refresh", 1)
+    daemon = start_crashing(daemon_factory, "extend.after_host_refresh", 1)
     client = daemon.client
     device = loops.make(16)
     trio = [guests.make(), guests.make(persistent=True), guests.make()]

@@ -55,12 +55,17 @@ def crash_cases(cases: list[tuple[str, int, str]]) -> pytest.MarkDecorator:
     )
 
 
-@pytest.fixture
-def crashing_daemon(daemon_factory: DaemonFactory, failpoint: str, nth: int) -> Daemon:
+def start_crashing(daemon_factory: DaemonFactory, failpoint: str, nth: int) -> Daemon:
     """hostagentd that SIGKILLs itself the ``nth`` time it reaches ``failpoint``."""
     return daemon_factory(
         **{"reconcile.interval": "0"}, _env={"HOSTAGENT_FAILPOINTS": f"{failpoint}:{nth}"}
     )
+
+
+@pytest.fixture
+def crashing_daemon(daemon_factory: DaemonFactory, failpoint: str, nth: int) -> Daemon:
+    """``start_crashing`` with the test's ``failpoint`` and ``nth`` parameters."""
+    return start_crashing(daemon_factory, failpoint, nth)
 
 
 def shared_volume(device: str, domains: list[Guest]) -> tuple[list[str], list[dict[str, Any]]]:

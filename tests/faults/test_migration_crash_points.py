@@ -13,7 +13,7 @@ import pytest
 
 from hostagent.client import HostagentClient
 from tests.conftest import DaemonFactory
-from tests.faults.test_crash_points import crashing_daemon, expect_kill, restart_clean
+from tests.faults.test_crash_points import expect_kill, restart_clean, start_crashing
 from tests.integration.support import (
     Guest,
     Guests,
@@ -65,7 +65,7 @@ def released_once(client: HostagentClient, attachment_id: str) -> None:
 def test_crash_during_an_incoming_put(
     daemon_factory: DaemonFactory, loops: LoopDevices, failpoint: str, what: str
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, failpoint, 1)
+    daemon = start_crashing(daemon_factory, failpoint, 1)
     client = daemon.client
     device = loops.make()
     body = incoming_body(device, str(uuid.uuid4()))
@@ -87,7 +87,7 @@ def test_crash_during_an_incoming_put(
 def test_crash_during_the_arrival(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, "arrival.before_record", 1)
+    daemon = start_crashing(daemon_factory, "arrival.before_record", 1)
     client = daemon.client
     device = loops.make()
     domain_uuid = str(uuid.uuid4())
@@ -110,7 +110,7 @@ def test_crash_during_the_arrival(
 def test_crash_while_releasing_an_incoming(
     daemon_factory: DaemonFactory, loops: LoopDevices
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, "incoming.release_after_intent", 1)
+    daemon = start_crashing(daemon_factory, "incoming.release_after_intent", 1)
     client = daemon.client
     device = loops.make()
     client.attach("d1", incoming_body(device, str(uuid.uuid4())))
@@ -127,7 +127,7 @@ def test_crash_while_releasing_an_incoming(
 def test_crash_during_the_source_release_of_a_disk_that_left(
     daemon_factory: DaemonFactory, guests: Guests, loops: LoopDevices, failpoint: str
 ) -> None:
-    daemon = crashing_daemon(daemon_factory, failpoint, 1)
+    daemon = start_crashing(daemon_factory, failpoint, 1)
     client = daemon.client
     device = loops.make()
     guest = guests.make(persistent=True)

@@ -45,6 +45,8 @@ PACKAGES = (
     "dbus",
     "open-iscsi",
     "sg3-utils",
+    # os-brick finds a LUN's H:C:T:L with lsscsi to rescan it on extend
+    "lsscsi",
     "multipath-tools",
     # Ceph: a one-mon, one-OSD cluster inside the VM (tests/ceph/cluster.py),
     # and the rbd CLI with its udev rule (/dev/rbd/<pool>/<image>) for krbd
