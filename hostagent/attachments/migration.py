@@ -22,12 +22,11 @@ import uuid
 from hostagent import failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult, ReconcileAction
 from hostagent.api.views import attachment_view
+from hostagent.attachments.attach_id import repeated_attach
 from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.render import disk_source
 from hostagent.connectors import Connector, HostDevice, Target
 from hostagent.errors import (
-    AttachmentConflict,
-    AttachmentIdReused,
     AttachmentNotFound,
     DomainExists,
     DomainMigrating,
@@ -93,24 +92,13 @@ class Migrations:
         assert request.incoming_migration is not None
         domain_uuid = domain_uuid_of(request.domain)
         with self.locks.attachment(attachment_id):
-            existing = self.store.get_attachment(attachment_id)
+            existing = repeated_attach(self.store, attachment_id, digest)
             if existing is not None:
-                if existing.request_hash != digest:
-                    raise AttachmentConflict(
-                        f"attachment {attachment_id} exists with a different request"
-                    )
-                if existing.state is AttachmentState.DETACHING:
-                    raise AttachmentConflict(f"attachment {attachment_id} is being detached")
                 if existing.state is AttachmentState.ATTACHED:
                     return attachment_view(self.store, existing), False
                 LOG.info("attachment %s: resuming an interrupted incoming attach", attachment_id)
                 record = existing
             else:
-                if self.store.get_tombstone(attachment_id) is not None:
-                    raise AttachmentIdReused(
-                        f"attachment id {attachment_id} was already detached; "
-                        "use a fresh id for a new attach"
-                    )
                 domain = self.guests.find(domain_uuid)
                 if domain is not None and domain.active and not self.guests.migrating(domain_uuid):
                     raise DomainExists(

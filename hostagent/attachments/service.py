@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from hostagent import connectors, failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult
 from hostagent.api.views import attachment_view
+from hostagent.attachments.attach_id import repeated_attach
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
 from hostagent.attachments.host_connections import DomainBack, HostConnections
 from hostagent.attachments.migration import (
@@ -28,8 +29,6 @@ from hostagent.attachments.migration import (
 )
 from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
-    AttachmentConflict,
-    AttachmentIdReused,
     AttachmentNotFound,
     DetachTimeout,
     DomainNotFound,
@@ -152,24 +151,13 @@ class AttachmentService:
         domain = self.guests.lookup(request.domain)
         digest = request_hash(domain.uuid, request)
         with self.locks.attachment(attachment_id):
-            existing = self.store.get_attachment(attachment_id)
+            existing = repeated_attach(self.store, attachment_id, digest)
             if existing is not None:
-                if existing.request_hash != digest:
-                    raise AttachmentConflict(
-                        f"attachment {attachment_id} exists with a different request"
-                    )
-                if existing.state is AttachmentState.DETACHING:
-                    raise AttachmentConflict(f"attachment {attachment_id} is being detached")
                 if existing.state is AttachmentState.ATTACHED:
                     return attachment_view(self.store, existing), False
                 LOG.info("attachment %s: resuming an interrupted attach", attachment_id)
                 record = existing
             else:
-                if self.store.get_tombstone(attachment_id) is not None:
-                    raise AttachmentIdReused(
-                        f"attachment id {attachment_id} was already detached; "
-                        "use a fresh id for a new attach"
-                    )
                 record = self._new_record(attachment_id, request, domain, target, digest)
             made_connection = self.connections.join(
                 record, connector, target, new=existing is None
