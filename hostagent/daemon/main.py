@@ -34,8 +34,9 @@ from hostagent.attachments.guest_disks import GuestDisks
 from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.migration import Arrivals
 from hostagent.attachments.rebuild import rebuild_state, unrecorded_disks
-from hostagent.attachments.reconcile import Reconciler, VanishedDomains
+from hostagent.attachments.reconcile import Reconciler
 from hostagent.attachments.service import AttachmentService, ServiceSettings
+from hostagent.attachments.vanished_domains import VanishedDomains
 from hostagent.daemon.conf import load_config
 from hostagent.daemon.systemd import inherited_socket, notify, watchdog_interval
 from hostagent.errors import HostagentError
