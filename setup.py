@@ -22,6 +22,7 @@ setup(
         "aiohttp>=3.9",
         "pydantic>=2.5",
         "prometheus-client>=0.17",
+        "inotify_simple>=1.3",
     ],
     extras_require={
         # journald output (oslo.log use_journal); builds against libsystemd-dev

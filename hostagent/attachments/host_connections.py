@@ -29,6 +29,7 @@ from hostagent.connectors import (
     Target,
 )
 from hostagent.errors import ConnectFailed, DisconnectFailed, HostagentError, LibvirtUnavailable
+from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests
 from hostagent.host.device_users import device_users
 from hostagent.host.host_use import host_uses, identify
@@ -104,10 +105,13 @@ class HostConnections:
         locks: HostLocks,
         boot_id: str,
         metrics: Metrics,
+        scan: DomainScan | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
         self.guests = guests
+        # What the guard before a disconnect reads every domain's disks with.
+        self.scan = scan or DomainScan(guests)
         self.registry = registry
         self.locks = locks
         self.boot_id = boot_id
@@ -445,7 +449,7 @@ class HostConnections:
         return body
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
-        users = device_users(self.guests, connection)
+        users = device_users(self.scan, connection)
         if users:
             LOG.warning(
                 "attachment %s: %s is still used by %s; keeping the host connection",

@@ -21,7 +21,7 @@ from hostagent.attachments.host_connections import DomainBack, HostConnections
 from hostagent.attachments.migration import Migrations
 from hostagent.errors import DomainNotFound, HostagentError
 from hostagent.guests.disk_presence import DiskPresence
-from hostagent.guests.domain_scan import scan_domain_disks
+from hostagent.guests.domain_scan import DomainDisk, DomainSnapshot
 from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import device_users, matcher_for, references_in
 from hostagent.libvirt_xml.disk import parse_disk_refs
@@ -77,11 +77,20 @@ class Reconciler:
         for connection in self._store.list_connections():
             if connection.from_earlier_boot(self._boot_id):
                 actions += self._after_reboot(connection)
+        # One read of every domain for the pass: an attachment it shows settled
+        # costs nothing more; any other is looked at again, fresh, under its lock.
+        snapshot = self._connections.scan.snapshot()
+        acted = bool(actions)
         for record in self._store.list_attachments():
-            actions += self.attachment(record.attachment_id)
+            if not _settled(record, snapshot):
+                found = self.attachment(record.attachment_id)
+                acted = acted or bool(found)
+                actions += found
         for connection in self._store.list_connections():
             actions += self._connection(connection.connection_key)
-        actions += self._foreign_disks()
+        if acted:  # what the pass did may have changed the disks it read
+            snapshot = self._connections.scan.snapshot()
+        actions += self._foreign_disks(snapshot.disks)
         purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
         if purged:
             actions.append(
@@ -339,7 +348,7 @@ class Reconciler:
 
     def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
         key = connection.connection_key
-        users = device_users(self._guests, connection)
+        users = device_users(self._connections.scan, connection)
         if users:
             return [
                 ReconcileAction(
@@ -358,13 +367,12 @@ class Reconciler:
             )
         ]
 
-    def _foreign_disks(self) -> list[ReconcileAction]:
+    def _foreign_disks(self, disks: list[DomainDisk]) -> list[ReconcileAction]:
         store = self._store
         connections = [(c, m) for c in store.list_connections() if (m := matcher_for(c))]
         if not connections:
             return []
         ours = {(a.domain_uuid, a.alias) for a in store.list_attachments()}
-        disks = scan_domain_disks(self._guests)
         found = []
         for connection, matcher in connections:
             for ref in references_in(disks, matcher):
@@ -391,6 +399,18 @@ class Reconciler:
         for record in records:
             actions += self.attachment(record.attachment_id)
         return actions
+
+
+def _settled(record: AttachmentRecord, snapshot: DomainSnapshot) -> bool:
+    """Whether the pass's read shows the attachment as it should be: attached,
+    its domain there under the recorded name, holding its disk."""
+    domain = snapshot.by_uuid.get(record.domain_uuid)
+    return (
+        record.state is AttachmentState.ATTACHED
+        and domain is not None
+        and domain.name == record.domain_name
+        and (record.domain_uuid, record.alias) in snapshot.aliases
+    )
 
 
 def _act(action: str, record: AttachmentRecord, detail: str) -> ReconcileAction:

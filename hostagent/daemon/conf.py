@@ -119,6 +119,14 @@ LIBVIRT_OPTS: list[cfg.Opt] = [
         min=0.1,
         help="Seconds between repeated unplug requests while a detach waits.",
     ),
+    cfg.StrOpt(
+        "domain_config_dir",
+        default="",
+        help="Where libvirtd saves persistent domain configs (<name>.xml), watched so "
+        "they are read from libvirt only after a change. Empty: /etc/libvirt/qemu "
+        "when libvirt_uri is the local system instance, else no caching; 'none': "
+        "read every config from libvirt each time.",
+    ),
 ]
 
 RECONCILE_OPTS: list[cfg.Opt] = [

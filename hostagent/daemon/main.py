@@ -40,7 +40,9 @@ from hostagent.attachments.vanished_domains import VanishedDomains
 from hostagent.daemon.conf import load_config
 from hostagent.daemon.systemd import inherited_socket, notify, watchdog_interval
 from hostagent.errors import HostagentError
+from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests
+from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
 from hostagent.observability.logctx import install_filters
 from hostagent.observability.metrics import Metrics
@@ -182,10 +184,11 @@ def build_core(
     metrics: Metrics,
     tombstone_ttl: float,
     clock: Callable[[], float] = time.time,
+    scan: DomainScan | None = None,
 ) -> tuple[AttachmentService, Reconciler]:
     """The attachment service and the reconciler on one set of parts: the same
     host connections and guest disks, so both take the same locks. ``clock``
-    ages tombstones."""
+    ages tombstones; ``scan`` reads every domain's disks (uncached if None)."""
     connections = HostConnections(
         store=store,
         guests=guests,
@@ -193,6 +196,7 @@ def build_core(
         locks=locks,
         boot_id=settings.boot_id,
         metrics=metrics,
+        scan=scan,
     )
     disks = GuestDisks(
         guests=guests,
@@ -322,6 +326,13 @@ def run(conf: cfg.ConfigOpts) -> int:
             secrets=guests,
         )
         metrics = Metrics()
+        configs = PersistentConfigs(
+            lambda uuid: guests.domain_xml(uuid, inactive=True),
+            config_dir_for(conf.libvirt_uri, conf.libvirt.domain_config_dir),
+        )
+        # Before the reconcile that a (re)connect starts: libvirtd may have
+        # reloaded its configs while we were away.
+        guests.on_connected(configs.forget_all)
         service, reconciler = build_core(
             store=store,
             guests=guests,
@@ -336,6 +347,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             ),
             metrics=metrics,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
+            scan=DomainScan(guests, configs),
         )
         metrics.watch(store, lambda: guests.connected)
         service.connections.move_to_current_keys()
@@ -387,6 +399,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             arrivals.stop()
             executor.shutdown(wait=True)
             guests.stop()
+            configs.close()
             store.close()
             if inherited is None:  # a socket systemd passed is systemd's to remove
                 with contextlib.suppress(FileNotFoundError):

@@ -1,14 +1,24 @@
-"""Reads of every domain's live XML and persistent config, for what must see
-every disk on the host (``host.device_users``, reconcile, rebuild, doctor)."""
+"""Reads of every domain's disks, live and persistent, for what must see every
+disk on the host (``host.device_users``, reconcile, rebuild, doctor).
+
+Persistent configs come from ``PersistentConfigs`` (read from libvirt once,
+again only after libvirt wrote them). The guard's read of live disks by host
+path takes one round trip for every running domain (libvirt's block stats);
+a read that needs aliases or network sources reads each running domain's
+live XML.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 from hostagent.errors import DomainNotFound
 from hostagent.guests.domains import DomainInfo, Guests
+from hostagent.guests.persistent_configs import PersistentConfigs
 from hostagent.libvirt_xml.disk import DiskRef, parse_disk_refs
 
 
@@ -30,42 +40,129 @@ class DomainXml:
     xml: str
 
 
-def _xml_of(guests: Guests, domain: DomainInfo) -> list[DomainXml]:
-    views: list[DomainXml] = []
-    try:
-        if domain.active:
-            views.append(DomainXml(domain, "live", guests.domain_xml(domain.uuid)))
-        if domain.persistent:
-            config = guests.domain_xml(domain.uuid, inactive=True)
-            views.append(DomainXml(domain, "config", config))
-    except DomainNotFound:  # undefined while we looked: it holds nothing any more
-        return []
-    return views
+@dataclass(frozen=True)
+class DomainSnapshot:
+    """The domains libvirt has and their disks, as read at one moment."""
 
+    domains: list[DomainInfo]
+    disks: list[DomainDisk]
+
+    @functools.cached_property
+    def aliases(self) -> frozenset[tuple[str, str]]:
+        """(domain UUID, alias) of every disk with an alias, live or config."""
+        return frozenset((d.domain.uuid, d.disk.alias) for d in self.disks if d.disk.alias)
+
+    @functools.cached_property
+    def by_uuid(self) -> dict[str, DomainInfo]:
+        return {d.uuid: d for d in self.domains}
+
+
+_Reader = Callable[[DomainInfo], list[DomainDisk]]
 
 # XML of many domains is fetched concurrently: the round trips overlap on
-# libvirt's one (thread-safe) connection.
+# libvirt's (thread-safe) connections.
 _FETCHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="domain-scan")
 
 
-def scan_domain_xml(guests: Guests, *, fetchers: Executor = _FETCHERS) -> list[DomainXml]:
-    """The live XML and persistent config of every domain, skipping domains
-    undefined since the listing; ``fetchers`` reads several domains at once.
+class DomainScan:
+    """Every disk of every domain, live and config.
 
     Raises LibvirtUnavailable if libvirt cannot be asked: no answer is never
-    taken as "unused".
+    taken as "unused". A domain undefined while it is read holds nothing.
     """
+
+    def __init__(
+        self,
+        guests: Guests,
+        configs: PersistentConfigs | None = None,
+        *,
+        fetchers: Executor = _FETCHERS,
+    ) -> None:
+        self._guests = guests
+        # Without a cache, every config is read from libvirt each time.
+        self.configs = configs or PersistentConfigs(
+            lambda uuid: guests.domain_xml(uuid, inactive=True), None
+        )
+        self._fetchers = fetchers
+
+    def snapshot(self) -> DomainSnapshot:
+        """Every domain, and every disk with everything its XML says (alias,
+        network source)."""
+        domains = self._guests.list_domains()
+        live = self._each(
+            [d for d in domains if d.active],
+            lambda d: [
+                DomainDisk(d, "live", disk)
+                for disk in parse_disk_refs(self._guests.domain_xml(d.uuid)).disks
+            ],
+        )
+        return DomainSnapshot(domains, live + self._configs(domains))
+
+    def disks(self) -> list[DomainDisk]:
+        """Every disk of ``snapshot``."""
+        return self.snapshot().disks
+
+    def block_disks(self) -> list[DomainDisk]:
+        """Every disk that names a host path: live ones as libvirt's block stats
+        give them (target and path only: no alias, no network source), config
+        ones in full. A few round trips, whatever the number of domains."""
+        running = self._guests.live_block_sources()
+        domains = self._guests.list_domains()
+        listed = {d.uuid: d for d in domains}
+        live = [
+            DomainDisk(
+                listed.get(uuid) or DomainInfo(uuid, name, active=True, persistent=False),
+                "live",
+                DiskRef(target_dev=target, source_dev=path),
+            )
+            for uuid, (name, sources) in running.items()
+            for target, path in sources
+        ]
+        return live + self._configs(domains)
+
+    def _configs(self, domains: list[DomainInfo]) -> list[DomainDisk]:
+        persistent = [d for d in domains if d.persistent]
+        self.configs.keep_only(d.uuid for d in persistent)
+        return self._each(
+            persistent,
+            lambda d: [
+                DomainDisk(d, "config", disk) for disk in self.configs.disks_of(d.uuid, d.name)
+            ],
+        )
+
+    def _each(self, domains: list[DomainInfo], read: _Reader) -> list[DomainDisk]:
+        def guarded(domain: DomainInfo) -> list[DomainDisk]:
+            try:
+                return read(domain)
+            except DomainNotFound:  # undefined while we looked: it holds nothing any more
+                return []
+
+        if len(domains) <= 1:
+            return [disk for domain in domains for disk in guarded(domain)]
+        return [disk for disks in self._fetchers.map(guarded, domains) for disk in disks]
+
+
+def scan_domain_xml(guests: Guests, *, fetchers: Executor = _FETCHERS) -> list[DomainXml]:
+    """The live XML and persistent config of every domain as libvirt gives them
+    now (no cache: for rebuilding a lost state), skipping domains undefined
+    since the listing."""
+
+    def read(domain: DomainInfo) -> list[DomainXml]:
+        views: list[DomainXml] = []
+        try:
+            if domain.active:
+                views.append(DomainXml(domain, "live", guests.domain_xml(domain.uuid)))
+            if domain.persistent:
+                config = guests.domain_xml(domain.uuid, inactive=True)
+                views.append(DomainXml(domain, "config", config))
+        except DomainNotFound:
+            return []
+        return views
+
     domains = guests.list_domains()
-    if len(domains) <= 1:
-        return [view for domain in domains for view in _xml_of(guests, domain)]
-    per_domain = fetchers.map(lambda domain: _xml_of(guests, domain), domains)
-    return [view for views in per_domain for view in views]
+    return [view for views in fetchers.map(read, domains) for view in views]
 
 
-def scan_domain_disks(guests: Guests, *, fetchers: Executor = _FETCHERS) -> list[DomainDisk]:
-    """Every disk of every domain, live and config (see ``scan_domain_xml``)."""
-    return [
-        DomainDisk(view.domain, view.where, disk)
-        for view in scan_domain_xml(guests, fetchers=fetchers)
-        for disk in parse_disk_refs(view.xml).disks
-    ]
+def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
+    """Every disk of every domain, live and config, read from libvirt now."""
+    return DomainScan(guests).disks()

@@ -22,8 +22,7 @@ from hostagent.connectors import (
     Target,
     disk_source,
 )
-from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
-from hostagent.guests.domains import Guests
+from hostagent.guests.domain_scan import DomainDisk, DomainScan
 from hostagent.host.holders import device_number, processes_holding
 from hostagent.libvirt_xml.disk import DiskRef
 from hostagent.state.records import ConnectionRecord
@@ -53,9 +52,14 @@ class HostDeviceMatcher:
         for source in (disk.source_dev, disk.source_file):
             if not source:
                 continue
-            if source == self.device_path or os.path.realpath(source) == self._real:
+            if source == self.device_path:
                 return True
-            if self._rdev is not None and device_number(source) == self._rdev:
+            # By device number while the node exists (a stat: every other name
+            # of the device, whatever the path), else by the path it resolves to.
+            if self._rdev is not None:
+                if device_number(source) == self._rdev:
+                    return True
+            elif os.path.realpath(source) == self._real:
                 return True
         return False
 
@@ -108,9 +112,13 @@ def references_in(disks: list[DomainDisk], matcher: DiskMatcher) -> list[DeviceR
     ]
 
 
-def find_references(guests: Guests, matcher: DiskMatcher) -> list[DeviceReference]:
-    """Every disk, in any domain's live XML or persistent config, ``matcher`` recognises."""
-    return references_in(scan_domain_disks(guests), matcher)
+def find_references(scan: DomainScan, matcher: DiskMatcher) -> list[DeviceReference]:
+    """Every disk, in any domain's live XML or persistent config, ``matcher``
+    recognises: a host device is looked for by path (libvirt's block stats for
+    running domains, a few round trips whatever their number), a network
+    disk in every live XML."""
+    disks = scan.block_disks() if isinstance(matcher, HostDeviceMatcher) else scan.disks()
+    return references_in(disks, matcher)
 
 
 # A process found holding a device no domain names is looked at again for this
@@ -122,7 +130,7 @@ HOLDER_POLL_SECONDS = 0.05
 
 
 def device_users(
-    guests: Guests,
+    scan: DomainScan,
     connection: ConnectionRecord,
     *,
     monotonic: Callable[[], float] = time.monotonic,
@@ -138,7 +146,7 @@ def device_users(
     matcher = matcher_for(connection)
     if matcher is None:
         return []
-    users = _domains_using(guests, matcher)
+    users = _domains_using(scan, matcher)
     if users or connection.device_path is None:
         return users
     # After the domain scan, not beside it: run together, the two contend
@@ -146,19 +154,29 @@ def device_users(
     holders = processes_holding(connection.device_path)
     if not holders:
         return []
+    # The grace watches only the processes found: a brief holder (udev's
+    # probe) is waited out without a walk of every descriptor on the host
+    # each time; one full search after it finds any holder that came since.
     deadline = monotonic() + HOLDER_GRACE_SECONDS
     while holders and monotonic() < deadline:
         sleep(HOLDER_POLL_SECONDS)
+        holders = processes_holding(connection.device_path, among=[h.pid for h in holders])
+    if not holders:
         holders = processes_holding(connection.device_path)
     if holders:
         return [f"process {h.pid} ({h.command}) that holds it open" for h in holders]
     # The grace took up to seconds: a domain may have taken the device
     # meanwhile, and the disconnect must not act on a scan that old.
-    return _domains_using(guests, matcher)
+    return _domains_using(scan, matcher)
 
 
-def _domains_using(guests: Guests, matcher: DiskMatcher) -> list[str]:
+def _domains_using(scan: DomainScan, matcher: DiskMatcher) -> list[str]:
+    refs = find_references(scan, matcher)
+    if any(ref.alias is None for ref in refs):
+        # Block stats name no alias: a device found in use (the rare, kept
+        # case) is described from the full XML, which names its disks.
+        refs = references_in(scan.disks(), matcher) or refs
     return [
         f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
-        for ref in find_references(guests, matcher)
+        for ref in refs
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -29,19 +30,23 @@ class OpenHandle:
     command: str
 
 
-def processes_holding(device_path: str, proc: str = "/proc") -> list[OpenHandle]:
-    """Every process with an open file descriptor on the block device.
+def processes_holding(
+    device_path: str, proc: str = "/proc", *, among: Iterable[int] | None = None
+) -> list[OpenHandle]:
+    """Every process with an open file descriptor on the block device (only
+    those of the pids ``among``, when given).
 
     Each process's ``fd`` directory is opened once and its entries are
     stat'ed relative to it (the kernel's /proc lookups are most of the cost:
-    about 4 µs a descriptor).
+    about 4 µs a descriptor, whatever the way: stat, readlink, threads).
     """
     rdev = device_number(device_path)
     if rdev is None:
         return []
     own_pid = str(os.getpid())
+    pids = os.listdir(proc) if among is None else [str(pid) for pid in among]
     holders = []
-    for pid in os.listdir(proc):
+    for pid in pids:
         if not pid.isdigit() or pid == own_pid:
             continue
         try:

@@ -205,6 +205,15 @@ class Guests:
         self.created.append(guest)
         return guest
 
+    def define(self, *disks: str) -> Guest:
+        """A persistent domain, defined with these disks (XML) and never started."""
+        name = f"{GUEST_PREFIX}{os.getpid()}-{next(self._count)}"
+        xml = guest_xml(name).replace("  </devices>", "".join(disks) + "  </devices>")
+        dom = self.conn.defineXML(xml)
+        guest = Guest(self.conn, name, dom.UUIDString(), True)
+        self.created.append(guest)
+        return guest
+
     def cleanup(self) -> None:
         # A destroy takes 1-2 s here, most of it waiting for QEMU to exit: the
         # guests of a test go in parallel (libvirt connections are thread-safe).

@@ -71,7 +71,7 @@ class ProbeThatLetsGo:
         self.meanwhile = meanwhile
         self.looks = 0
 
-    def __call__(self, device_path: str) -> list[OpenHandle]:
+    def __call__(self, device_path: str, among: object = None) -> list[OpenHandle]:
         self.looks += 1
         if self.looks > 1:
             return []

@@ -6,15 +6,18 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hostagent.host.device_users import HostDeviceMatcher, matcher_for
+from hostagent.guests.domain_scan import DomainScan
+from hostagent.host.device_users import HostDeviceMatcher, device_users, matcher_for
 from hostagent.host.holders import processes_holding
 from hostagent.libvirt_xml.disk import DiskRef
 from hostagent.state.records import ConnectionRecord, ConnectionState
+from tests.unit.recording import RecordingGuests
 
 
 @pytest.fixture
@@ -121,3 +124,69 @@ def test_processes_holding_finds_an_open_descriptor(loop_device: str) -> None:
 def test_processes_holding_ignores_what_is_not_a_block_device() -> None:
     assert processes_holding("/dev/null") == []
     assert processes_holding("/dev/hatest-missing") == []
+
+
+def test_a_network_disk_only_a_running_domain_has_keeps_its_connection() -> None:
+    """Libvirt's block stats name no network source: an rbd image used by a
+    running domain's live XML alone (migrated in, or hot-plugged live) is
+    found by reading live XML, never missed by the cheap path."""
+    guests = RecordingGuests()
+    guests.arrive(
+        str(uuid.uuid4()),
+        "other",
+        "<disk type='network' device='disk'><source protocol='rbd' name='volumes/volume-1'/>"
+        "<target dev='sdb' bus='scsi'/><alias name='scsi0-0-0-1'/></disk>",
+    )
+    key = "rbd:ceph/volumes/volume-1"
+    image = recorded("rbd", key, RBD_DATA, device_info={"secret_uuid": "u"})
+    assert device_users(DomainScan(guests), image) == ["domain other (live, disk scsi0-0-0-1)"]
+
+
+def test_a_host_device_in_a_running_domains_live_disks_is_found_by_its_block_path(
+    loop_device: str,
+) -> None:
+    guests = RecordingGuests()
+    running = guests.define("running", persistent=False)
+    guests.add_disk(running, loop_device, alias="ua-x", dev="sdc")
+    local = recorded("local", f"local:{loop_device}", {}, loop_device)
+    assert device_users(DomainScan(guests), local) == ["domain running (live, disk ua-x)"]
+
+
+def hold(device: str) -> subprocess.Popen[str]:
+    """A process that opens ``device`` and keeps it open until killed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; fd = os.open({device!r}, os.O_RDONLY);"
+            " print('open', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def test_a_holder_that_comes_during_the_grace_keeps_the_connection(loop_device: str) -> None:
+    """The grace watches only the processes it found; the one that opens the
+    device while it waits is found by the full search after it."""
+    brief = hold(loop_device)
+    holders: list[subprocess.Popen[str]] = [brief]
+
+    def meanwhile(seconds: float) -> None:
+        if len(holders) == 1:  # the first wait: another process opens, the first closes
+            holders.append(hold(loop_device))
+            brief.kill()
+            brief.wait()
+        time.sleep(seconds)
+
+    local = recorded("local", f"local:{loop_device}", {}, loop_device)
+    try:
+        users = device_users(DomainScan(RecordingGuests()), local, sleep=meanwhile)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    [user] = users
+    assert user.startswith(f"process {holders[1].pid} (python")

@@ -1,0 +1,148 @@
+"""The guard before a disconnect on real libvirt: a few round trips whatever
+the number of domains, and still every disk of every domain, live and
+persistent, with the persistent configs cached while libvirt's config
+directory says they are unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import libvirt
+import pytest
+
+from hostagent.guests.domain_scan import DomainScan
+from hostagent.guests.domains import Guests as HostGuests
+from hostagent.guests.persistent_configs import SYSTEM_CONFIG_DIR, PersistentConfigs
+from hostagent.host.device_users import device_users
+from hostagent.state.records import ConnectionRecord, ConnectionState
+from tests.integration.support import Guests, LoopDevices, hand_made_disk
+
+
+def local_connection(device: str) -> ConnectionRecord:
+    return ConnectionRecord(
+        connection_key=f"local:{device}",
+        driver_volume_type="local",
+        connection_data={"device_path": device},
+        disk_format="raw",
+        state=ConnectionState.CONNECTED,
+        boot_id="boot-1",
+        created_at=0.0,
+        device_path=device,
+    )
+
+
+class CountedConfigReads:
+    """The daemon's read of a persistent config, counted; ``during_read`` runs
+    inside the next one (a change that lands while a scan reads)."""
+
+    def __init__(self, guests: HostGuests) -> None:
+        self.guests = guests
+        self.count = 0
+        self.during_read: Callable[[], None] | None = None
+
+    def __call__(self, domain_uuid: str) -> str:
+        self.count += 1
+        xml = self.guests.domain_xml(domain_uuid, inactive=True)
+        if self.during_read is not None:
+            meanwhile, self.during_read = self.during_read, None
+            meanwhile()
+        return xml
+
+
+@pytest.fixture
+def reads(host_guests: HostGuests) -> CountedConfigReads:
+    return CountedConfigReads(host_guests)
+
+
+@pytest.fixture
+def scan(host_guests: HostGuests, reads: CountedConfigReads) -> Iterator[DomainScan]:
+    configs = PersistentConfigs(reads, SYSTEM_CONFIG_DIR)
+    assert configs.caching, f"libvirt's config directory {SYSTEM_CONFIG_DIR} can be watched"
+    yield DomainScan(host_guests, configs)
+    configs.close()
+
+
+def test_a_disk_added_to_a_running_domains_config_alone_is_seen(
+    scan: DomainScan, guests: Guests, loops: LoopDevices
+) -> None:
+    """``virsh attach-disk --config`` on a running domain: no libvirt event,
+    not in the live XML nor the block stats; its cached config is stale the
+    moment libvirt saves the new one."""
+    device = loops.make()
+    guest = guests.make(persistent=True)
+    assert device_users(scan, local_connection(device)) == []  # every config now cached
+    guest.dom.attachDeviceFlags(
+        hand_made_disk(device, target_dev="sdy", unit=8, alias="ua-operator"),
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+    )
+    assert device_users(scan, local_connection(device)) == [
+        f"domain {guest.name} (config, disk ua-operator)"
+    ]
+
+
+def test_a_domain_redefined_during_a_scan_is_seen_by_the_next(
+    scan: DomainScan, reads: CountedConfigReads, guests: Guests, loops: LoopDevices
+) -> None:
+    device = loops.make()
+    shut_off = guests.define()
+    assert device_users(scan, local_connection(device)) == []  # its config is cached
+    newcomer = guests.define()  # not cached: the next scan reads it
+
+    def redefine_with_the_disk() -> None:
+        xml = shut_off.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        disk = hand_made_disk(device, target_dev="sdz", unit=9)
+        guests.conn.defineXML(xml.replace("</devices>", disk + "</devices>"))
+
+    reads.during_read = redefine_with_the_disk
+    device_users(scan, local_connection(device))  # may or may not see it: it is mid-change
+    assert reads.during_read is None, f"the scan read {newcomer.name}'s config"
+    assert device_users(scan, local_connection(device)) == [
+        f"domain {shut_off.name} (config, disk sdz)"
+    ]
+
+
+class CountedCalls:
+    """Counts the round trips the daemon's libvirt session makes."""
+
+    def __init__(self, guests: HostGuests, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        session = guests.session
+        for name in ("call", "on_domain"):
+            monkeypatch.setattr(session, name, self._counted(getattr(session, name)))
+
+    def _counted(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return method(*args, **kwargs)
+
+        return counted
+
+
+def test_the_guard_asks_libvirt_the_same_few_times_whatever_the_number_of_domains(
+    scan: DomainScan,
+    host_guests: HostGuests,
+    guests: Guests,
+    loops: LoopDevices,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device, elsewhere = loops.make(), loops.make()
+    running = guests.make(persistent=True)
+    running.attach_raw(hand_made_disk(elsewhere, target_dev="sdb", unit=1))
+    calls = CountedCalls(host_guests, monkeypatch)
+
+    def round_trips() -> int:
+        device_users(scan, local_connection(device))  # fills the cache
+        before = calls.count
+        assert device_users(scan, local_connection(device)) == []
+        return calls.count - before
+
+    few = round_trips()
+    for _ in range(6):
+        guests.define(hand_made_disk(elsewhere, target_dev="sdc", unit=2))
+    assert round_trips() == few <= 3
+    running.attach_raw(hand_made_disk(device, target_dev="sdd", unit=3))
+    assert device_users(scan, local_connection(device)) == [
+        f"domain {running.name} (live, disk scsi0-0-0-3)",  # libvirt's own alias
+        f"domain {running.name} (config, disk sdd)",
+    ]

@@ -1,0 +1,199 @@
+"""guests/persistent_configs.py: a persistent config is read from libvirt
+again after, and only after, libvirt wrote it (a real inotify watch on a
+directory written the way libvirt saves configs)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hostagent.errors import DomainNotFound
+from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
+
+
+class RecordingConfigReads:
+    """Recording fake of libvirt's inactive-XML read: configs held in memory,
+    each read recorded; ``during_read`` runs inside the next read."""
+
+    def __init__(self) -> None:
+        self.xml: dict[str, str] = {}
+        self.reads: list[str] = []
+        self.during_read: Callable[[], None] | None = None
+
+    def __call__(self, domain_uuid: str) -> str:
+        self.reads.append(domain_uuid)
+        if domain_uuid not in self.xml:
+            raise DomainNotFound(domain_uuid)
+        xml = self.xml[domain_uuid]
+        if self.during_read is not None:
+            meanwhile, self.during_read = self.during_read, None
+            meanwhile()
+        return xml
+
+
+def domain_xml(name: str, domain_uuid: str, *devices: str) -> str:
+    disks = "".join(
+        f"<disk type='block' device='disk'><source dev='{dev}'/><target dev='sd{i}'/></disk>"
+        for i, dev in zip("abcdefgh", devices, strict=False)
+    )
+    head = f"<name>{name}</name><uuid>{domain_uuid}</uuid>"
+    return f"<domain>{head}<devices>{disks}</devices></domain>"
+
+
+class Libvirt:
+    """Saves configs as libvirt's qemu driver does: beside, then renamed over."""
+
+    def __init__(self, config_dir: Path, reads: RecordingConfigReads) -> None:
+        self.dir = config_dir
+        self.reads = reads
+
+    def define(self, name: str, domain_uuid: str, *devices: str) -> None:
+        xml = domain_xml(name, domain_uuid, *devices)
+        self.reads.xml[domain_uuid] = xml
+        staged = self.dir / f"{name}.xml.new"
+        staged.write_text(xml)
+        os.rename(staged, self.dir / f"{name}.xml")
+
+    def undefine(self, name: str, domain_uuid: str) -> None:
+        del self.reads.xml[domain_uuid]
+        (self.dir / f"{name}.xml").unlink()
+
+
+@pytest.fixture
+def reads() -> RecordingConfigReads:
+    return RecordingConfigReads()
+
+
+@pytest.fixture
+def libvirt(tmp_path: Path, reads: RecordingConfigReads) -> Libvirt:
+    config_dir = tmp_path / "qemu"
+    config_dir.mkdir()
+    return Libvirt(config_dir, reads)
+
+
+@pytest.fixture
+def configs(libvirt: Libvirt, reads: RecordingConfigReads) -> Iterator[PersistentConfigs]:
+    cache = PersistentConfigs(reads, libvirt.dir)
+    assert cache.caching
+    yield cache
+    cache.close()
+
+
+def sources(configs: PersistentConfigs, name: str, domain_uuid: str) -> list[str | None]:
+    return [disk.source_dev for disk in configs.disks_of(domain_uuid, name)]
+
+
+def test_an_unchanged_config_is_read_once(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u, "/dev/loop7")
+    assert sources(configs, "g1", u) == ["/dev/loop7"]
+    assert sources(configs, "g1", u) == ["/dev/loop7"]
+    assert reads.reads == [u]
+
+
+def test_a_config_libvirt_saves_again_is_read_again(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """``virsh attach-disk --config`` on a running domain sends no libvirt
+    event: the file's rename is what says the cached config is old."""
+    u, other = str(uuid.uuid4()), str(uuid.uuid4())
+    libvirt.define("g1", u)
+    libvirt.define("g2", other)
+    assert sources(configs, "g1", u) == []
+    assert sources(configs, "g2", other) == []
+    libvirt.define("g1", u, "/dev/loop7")
+    assert sources(configs, "g1", u) == ["/dev/loop7"]
+    assert sources(configs, "g2", other) == []
+    assert reads.reads == [u, other, u], "only the domain whose file changed is read again"
+
+
+def test_a_change_drained_during_a_read_keeps_that_read_out_of_the_cache(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """Another scan drains the change while this one is still reading the old
+    config: what this one read must not be kept as current."""
+    u, other = str(uuid.uuid4()), str(uuid.uuid4())
+    libvirt.define("g1", u)
+    libvirt.define("g2", other)
+    sources(configs, "g2", other)
+
+    def redefined_and_seen_elsewhere() -> None:
+        libvirt.define("g1", u, "/dev/loop7")
+        sources(configs, "g2", other)  # the other scan's drain
+
+    reads.during_read = redefined_and_seen_elsewhere
+    assert sources(configs, "g1", u) == [], "read before the change"
+    assert sources(configs, "g1", u) == ["/dev/loop7"], "the old read was not kept"
+
+
+def test_a_renamed_or_redefined_domain_is_read_again(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u, "/dev/loop7")
+    sources(configs, "g1", u)
+    libvirt.undefine("g1", u)
+    libvirt.define("g1-new", u, "/dev/loop8")
+    assert sources(configs, "g1-new", u) == ["/dev/loop8"]
+    again = str(uuid.uuid4())  # undefined, then defined with another UUID
+    libvirt.undefine("g1-new", u)
+    libvirt.define("g1-new", again)
+    assert sources(configs, "g1-new", again) == []
+    with pytest.raises(DomainNotFound):
+        configs.disks_of(u, "g1-new")
+
+
+def test_a_domain_whose_file_is_not_there_is_read_every_time(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """A directory that is not libvirt's (or a file naming another UUID) is
+    never trusted: the cache only skips reads it can validate."""
+    u = str(uuid.uuid4())
+    reads.xml[u] = domain_xml("elsewhere", u, "/dev/loop7")
+    (libvirt.dir / "impostor.xml").write_text(domain_xml("impostor", str(uuid.uuid4())))
+    impostor = str(uuid.uuid4())
+    reads.xml[impostor] = domain_xml("impostor", impostor)
+    for _ in range(2):
+        assert sources(configs, "elsewhere", u) == ["/dev/loop7"]
+        configs.disks_of(impostor, "impostor")
+    assert reads.reads == [u, impostor, u, impostor]
+
+
+def test_without_its_directory_the_cache_reads_every_time(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u)
+    sources(configs, "g1", u)
+    libvirt.undefine("g1", u)
+    reads.xml[u] = domain_xml("g1", u)
+    libvirt.dir.rmdir()
+    sources(configs, "g1", u)
+    sources(configs, "g1", u)
+    assert reads.reads == [u, u, u]
+    assert not configs.caching
+
+
+def test_forget_all_reads_everything_again(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u)
+    sources(configs, "g1", u)
+    configs.forget_all()  # libvirt reconnected
+    sources(configs, "g1", u)
+    assert reads.reads == [u, u]
+
+
+def test_the_directory_is_the_system_instances_only_for_its_uri() -> None:
+    assert config_dir_for("qemu:///system", "") == Path("/etc/libvirt/qemu")
+    assert config_dir_for("qemu:///system?socket=/tmp/x/sock", "") is None
+    assert config_dir_for("qemu+ssh://other/system", "") is None
+    assert config_dir_for("qemu:///system", "none") is None
+    assert config_dir_for("qemu+unix:///system?socket=/s", "/srv/qemu") == Path("/srv/qemu")
