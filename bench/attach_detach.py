@@ -19,7 +19,7 @@ measuring the targets of issue 11:
 - G3 (``--defined N``, ``--holders N``): G2 again with N shut-off persistent
   domains of four disks each defined and helper processes holding N open
   descriptors (bench/host_load.py), against G2 without them: <= 1.30. The
-  load is made and removed in every round (about 1-3 s for 200 domains and
+  load is made and removed in every round (3-5 s here for 200 domains and
   30,000 descriptors), the loaded runs first in every other round: drift
   (this machine's speed varies from day to day and within a run) then hits
   G2 quiet and loaded alike, where a quiet phase followed by a loaded one
