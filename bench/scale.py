@@ -192,21 +192,44 @@ def cli_program() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hostagent.cli"]
 
 
-def cli_times(socket_path: Path, commands: Sequence[str], repeats: int) -> dict[str, list[float]]:
-    """Wall time of each read command, interleaved, after one untimed run of each."""
-    program = [*cli_program(), "--socket", str(socket_path)]
-    times: dict[str, list[float]] = {command: [] for command in commands}
+def wall_times(programs: dict[str, list[str]], repeats: int) -> dict[str, list[float]]:
+    """Wall time of each program, interleaved, after one untimed run of each."""
+    times: dict[str, list[float]] = {name: [] for name in programs}
     for round_number in range(repeats + 1):
-        for command in commands:
+        for name, program in programs.items():
             started = time.perf_counter()
-            result = subprocess.run(
-                [*program, command], capture_output=True, text=True, check=False
-            )
+            result = subprocess.run(program, capture_output=True, text=True, check=False)
             elapsed = time.perf_counter() - started
             if result.returncode != 0:
-                raise RuntimeError(f"hostagentctl {command} exited {result.returncode}: {result}")
+                raise RuntimeError(f"{shlex.join(program)} exited {result.returncode}: {result}")
             if round_number:
-                times[command].append(elapsed)
+                times[name].append(elapsed)
+    return times
+
+
+def cli_times(socket_path: Path, repeats: int) -> dict[str, list[float]]:
+    """``hostagentctl status`` and ``list``, as an operator runs them."""
+    program = [*cli_program(), "--socket", str(socket_path)]
+    return wall_times({c: [*program, c] for c in ("status", "list")}, repeats)
+
+
+def cli_parts(client: HostagentClient, repeats: int) -> dict[str, list[float]]:
+    """What a CLI run is made of: the interpreter's start, the CLI's imports, and
+    the daemon's answers (in-process requests, the ones ``status`` sends)."""
+    times = wall_times(
+        {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "python -c 'import hostagent.cli'": [sys.executable, "-c", "import hostagent.cli"],
+        },
+        repeats,
+    )
+    for path in ("/v1/health", "/v1/attachments", "/v1/connections"):
+        client.request("GET", path)
+        times[f"GET {path}"] = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            client.request("GET", path)
+            times[f"GET {path}"].append(time.perf_counter() - started)
     return times
 
 
@@ -275,7 +298,7 @@ class Fleet:
 
 def tear_down(daemon: Daemon, made: Guests, loops: LoopDevices, workers: int) -> list[str]:
     """Detach every attachment, stop the daemon, undefine our domains, free the loop
-    devices; each step runs whatever the one before it did. Returns what failed."""
+    devices; each step runs even if the one before it failed. Returns what failed."""
     problems: list[str] = []
     if daemon.process is not None and daemon.process.poll() is None:
         client = daemon.client
@@ -336,7 +359,9 @@ def stop_on_sigterm() -> None:
 def report(
     args: argparse.Namespace,
     phases: Sequence[Phase],
+    *,
     cli: dict[str, list[float]],
+    parts: dict[str, list[float]],
     memory: dict[str, int],
     builds: list[str],
 ) -> list[str]:
@@ -371,6 +396,7 @@ def report(
     lines.append(f"- small passes pooled: {spread_text(small)}")
     for command, times in cli.items():
         lines.append(f"- `hostagentctl {command}`: {spread_text(times)}")
+    lines += [f"  - part: `{name}`: {spread_text(times)}" for name, times in parts.items()]
     lines += [
         f"- hostagentd with {n} attachments: VmRSS {memory['VmRSS']} KiB, "
         f"VmHWM {memory['VmHWM']} KiB (the peak since its start, building included)",
@@ -445,7 +471,8 @@ def measure(
     )
     phases[1].host_domains = len(conn.listAllDomains(0))
     reconcile_times(client, args.repeats, phases[1])
-    cli = cli_times(daemon.socket_path, ("status", "list"), args.cli_repeats)
+    cli = cli_times(daemon.socket_path, args.cli_repeats)
+    parts = cli_parts(client, args.cli_repeats)
     memory = memory_kib(pid)
 
     took = fleet.detach([p.attachment_id for p in plan.growth])
@@ -456,7 +483,7 @@ def measure(
     )
     phases[2].host_domains = len(conn.listAllDomains(0))
     reconcile_times(client, args.repeats, phases[2])
-    return report(args, phases, cli, memory, builds)
+    return report(args, phases, cli=cli, parts=parts, memory=memory, builds=builds)
 
 
 def main() -> int:
