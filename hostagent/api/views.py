@@ -4,6 +4,7 @@ them, an attachment as libvirt has it, and the doctor's report."""
 from __future__ import annotations
 
 import datetime
+from collections import Counter
 
 from hostagent.api.models import (
     Attachment,
@@ -16,7 +17,7 @@ from hostagent.attachments.diagnostics import diagnose
 from hostagent.errors import AttachmentNotFound
 from hostagent.guests.domains import Guests
 from hostagent.libvirt_xml.disk import DiskSpec, disk_fragment
-from hostagent.state.store import AttachmentRecord, Store
+from hostagent.state.store import AttachmentRecord, ConnectionRecord, Store
 
 
 def iso_utc(epoch: float | None) -> str | None:
@@ -28,13 +29,32 @@ def iso_utc(epoch: float | None) -> str | None:
 
 def stored_iotune(disk_xml: str | None) -> dict[str, int]:
     """The I/O limits of the disk as the agent made it (its stored XML)."""
-    iotune = DiskSpec.from_xml(disk_xml).iotune if disk_xml is not None else None
+    if disk_xml is None or "iotune" not in disk_xml:  # most disks: no parse needed
+        return {}
+    iotune = DiskSpec.from_xml(disk_xml).iotune
     return iotune.limits() if iotune is not None else {}
 
 
 def attachment_view(store: Store, record: AttachmentRecord) -> Attachment:
     """The API body of an attachment (GET, and the PUT's answer)."""
-    connection = store.get_connection(record.connection_key)
+    return _view(
+        record,
+        store.get_connection(record.connection_key),
+        store.refcount(record.connection_key),
+    )
+
+
+def attachment_views(store: Store) -> list[Attachment]:
+    """Every attachment's body, from one read of each table."""
+    records = store.list_attachments()
+    connections = {c.connection_key: c for c in store.list_connections()}
+    users = Counter(r.connection_key for r in records)
+    return [_view(r, connections.get(r.connection_key), users[r.connection_key]) for r in records]
+
+
+def _view(
+    record: AttachmentRecord, connection: ConnectionRecord | None, refcount: int
+) -> Attachment:
     return Attachment(
         attachment_id=record.attachment_id,
         volume_id=record.volume_id,
@@ -49,7 +69,7 @@ def attachment_view(store: Store, record: AttachmentRecord) -> Attachment:
         shareable=record.multiattach,
         connection_key=record.connection_key,
         device_path=connection.device_path if connection else None,
-        host_refcount=store.refcount(record.connection_key),
+        host_refcount=refcount,
         disk_xml=record.disk_xml,
         iotune=stored_iotune(record.disk_xml),
     )
@@ -106,7 +126,7 @@ class ReadViews:
         return attachment_view(self._store, record)
 
     def attachments(self) -> list[Attachment]:
-        return [attachment_view(self._store, r) for r in self._store.list_attachments()]
+        return attachment_views(self._store)
 
     def connections(self) -> ConnectionList:
         return connection_list(self._store)

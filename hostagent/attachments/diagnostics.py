@@ -14,7 +14,12 @@ from hostagent.api.models import DoctorReport, Finding
 from hostagent.guests.disk_presence import presence_in_scan
 from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
 from hostagent.guests.domains import DomainInfo, Guests
-from hostagent.host.device_users import DeviceReference, matcher_for, references_in
+from hostagent.host.device_users import (
+    DeviceNumbers,
+    DeviceReference,
+    matcher_for,
+    references_in,
+)
 from hostagent.host.host_use import host_uses, identify
 from hostagent.libvirt_xml.policy import USER_ALIAS_PREFIX
 from hostagent.state.store import (
@@ -207,13 +212,14 @@ def diagnose(store: Store, guests: Guests, *, boot_id: str) -> DoctorReport:
         alias = dd.disk.alias or ""
         if alias.startswith(USER_ALIAS_PREFIX) and (dd.domain.uuid, alias) not in ours:
             findings.append(_unrecorded_finding(store, dd, alias))
+    numbers: DeviceNumbers = {}
     for connection in connections:
         findings += _host_use_findings(connection, records)
         findings += _connection_findings(
             connection,
             store.refcount(connection.connection_key),
             boot_id,
-            references_in(disks, matcher) if (matcher := matcher_for(connection)) else [],
+            references_in(disks, matcher, numbers) if (matcher := matcher_for(connection)) else [],
             ours,
         )
     return DoctorReport(

@@ -23,7 +23,7 @@ from hostagent.errors import DomainNotFound, HostagentError
 from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domain_scan import DomainDisk, DomainSnapshot
 from hostagent.guests.domains import DomainInfo, Guests
-from hostagent.host.device_users import device_users, matcher_for, references_in
+from hostagent.host.device_users import DeviceNumbers, device_users, matcher_for, references_in
 from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import USER_ALIAS_PREFIX
 from hostagent.locks import HostLocks
@@ -81,16 +81,18 @@ class Reconciler:
         # costs nothing more; any other is looked at again, fresh, under its lock.
         snapshot = self._connections.scan.snapshot()
         acted = bool(actions)
-        for record in self._store.list_attachments():
+        records = self._store.list_attachments()
+        for record in records:
             if not _settled(record, snapshot):
                 found = self.attachment(record.attachment_id)
                 acted = acted or bool(found)
                 actions += found
         for connection in self._store.list_connections():
             actions += self._connection(connection.connection_key)
-        if acted:  # what the pass did may have changed the disks it read
+        if acted:  # what the pass did may have changed the disks and records it read
             snapshot = self._connections.scan.snapshot()
-        actions += self._foreign_disks(snapshot.disks)
+            records = self._store.list_attachments()
+        actions += self._foreign_disks(snapshot.disks, {(a.domain_uuid, a.alias) for a in records})
         purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
         if purged:
             actions.append(
@@ -367,17 +369,19 @@ class Reconciler:
             )
         ]
 
-    def _foreign_disks(self, disks: list[DomainDisk]) -> list[ReconcileAction]:
-        store = self._store
-        connections = [(c, m) for c in store.list_connections() if (m := matcher_for(c))]
-        if not connections:
+    def _foreign_disks(
+        self, disks: list[DomainDisk], ours: set[tuple[str, str | None]]
+    ) -> list[ReconcileAction]:
+        """Disks on our connections' devices that no attachment of ours (``ours``:
+        (domain UUID, alias)) accounts for."""
+        connections = [(c, m) for c in self._store.list_connections() if (m := matcher_for(c))]
+        others = [d for d in disks if (d.domain.uuid, d.disk.alias) not in ours]
+        if not connections or not others:
             return []
-        ours = {(a.domain_uuid, a.alias) for a in store.list_attachments()}
         found = []
+        numbers: DeviceNumbers = {}
         for connection, matcher in connections:
-            for ref in references_in(disks, matcher):
-                if (ref.domain_uuid, ref.alias) in ours:
-                    continue
+            for ref in references_in(others, matcher, numbers):
                 found.append(
                     ReconcileAction(
                         action="foreign_disk",

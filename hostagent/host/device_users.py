@@ -40,6 +40,10 @@ class DeviceReference:
     source: str
 
 
+# The device number of each disk source path seen in one pass (None: not a block device).
+DeviceNumbers = dict[str, int | None]
+
+
 class HostDeviceMatcher:
     """Matches disk sources against one host block device."""
 
@@ -48,7 +52,9 @@ class HostDeviceMatcher:
         self._real = os.path.realpath(device_path)
         self._rdev = device_number(device_path)
 
-    def matches(self, disk: DiskRef) -> bool:
+    def matches(self, disk: DiskRef, numbers: DeviceNumbers | None = None) -> bool:
+        """``numbers`` keeps each source's device number for one pass over many
+        connections (a stat per source, not per source and connection)."""
         for source in (disk.source_dev, disk.source_file):
             if not source:
                 continue
@@ -57,7 +63,13 @@ class HostDeviceMatcher:
             # By device number while the node exists (a stat: every other name
             # of the device, whatever the path), else by the path it resolves to.
             if self._rdev is not None:
-                if device_number(source) == self._rdev:
+                if numbers is None:
+                    number = device_number(source)
+                elif source in numbers:
+                    number = numbers[source]
+                else:
+                    number = numbers[source] = device_number(source)
+                if number == self._rdev:
                     return True
             elif os.path.realpath(source) == self._real:
                 return True
@@ -71,7 +83,7 @@ class NetworkDiskMatcher:
         self.protocol = protocol
         self.name = name
 
-    def matches(self, disk: DiskRef) -> bool:
+    def matches(self, disk: DiskRef, numbers: DeviceNumbers | None = None) -> bool:
         return disk.source_protocol == self.protocol and disk.source_name == self.name
 
 
@@ -96,8 +108,11 @@ def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
     return None
 
 
-def references_in(disks: list[DomainDisk], matcher: DiskMatcher) -> list[DeviceReference]:
-    """The disks among ``disks`` that ``matcher`` recognises."""
+def references_in(
+    disks: list[DomainDisk], matcher: DiskMatcher, numbers: DeviceNumbers | None = None
+) -> list[DeviceReference]:
+    """The disks among ``disks`` that ``matcher`` recognises (``numbers``: see
+    ``HostDeviceMatcher.matches``)."""
     return [
         DeviceReference(
             domain_uuid=dd.domain.uuid,
@@ -108,7 +123,7 @@ def references_in(disks: list[DomainDisk], matcher: DiskMatcher) -> list[DeviceR
             source=dd.disk.source_dev or dd.disk.source_file or dd.disk.source_name or "",
         )
         for dd in disks
-        if matcher.matches(dd.disk)
+        if matcher.matches(dd.disk, numbers)
     ]
 
 
