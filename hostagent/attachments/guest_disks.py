@@ -5,6 +5,7 @@ exists, and hand the disk to libvirt for the live domain and its config."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Final
 
 from hostagent import failpoints
@@ -151,7 +152,7 @@ class GuestDisks:
                         domain.uuid, record.disk_xml, live=need_live, config=need_config
                     )
             else:
-                self._place_and_attach(
+                record = self._place_and_attach(
                     record=record,
                     request=request,
                     target=target,
@@ -161,7 +162,7 @@ class GuestDisks:
                     config=need_config,
                 )
             failpoints.hit("attach.after_libvirt")
-            return self.store.get_attachment(record.attachment_id) or record
+            return record
 
     def finish_interrupted(self, record: AttachmentRecord, domain: DomainInfo) -> None:
         """Reconcile: an attach died after libvirt took the disk (maybe only live
@@ -188,8 +189,9 @@ class GuestDisks:
         view: _DomainView,
         live: bool,
         config: bool,
-    ) -> None:
-        """Attach at the first free place; step past places QEMU holds unknown to libvirt.
+    ) -> AttachmentRecord:
+        """Attach at the first free place; step past places QEMU holds unknown to
+        libvirt. Returns the record with the placement it recorded.
 
         A libvirtd killed in the middle of a hot-plug can leave a disk in QEMU
         that the restarted libvirtd does not show: QEMU then refuses its unit
@@ -198,7 +200,7 @@ class GuestDisks:
         """
         skipped: set[DriveAddress] = set()
         for _ in range(_PLACEMENT_ATTEMPTS):
-            disk_xml, address = self._place(
+            target_dev, disk_xml, address = self._place(
                 record=record,
                 request=request,
                 target=target,
@@ -209,7 +211,7 @@ class GuestDisks:
             try:
                 with self.metrics.phase("libvirt_attach"):
                     self.guests.attach_device(view.domain.uuid, disk_xml, live=live, config=config)
-                return
+                return replace(record, target_dev=target_dev, disk_xml=disk_xml)
             except LibvirtError as exc:
                 if not any(marker in exc.message for marker in _HIDDEN_DEVICE_MARKERS):
                     raise
@@ -238,7 +240,9 @@ class GuestDisks:
         device: HostDevice,
         view: _DomainView,
         skipped: set[DriveAddress],
-    ) -> tuple[str, DriveAddress | None]:
+    ) -> tuple[str, str, DriveAddress | None]:
+        """Choose the target dev (and SCSI address), build the disk and record
+        both before libvirt is asked: (target dev, disk XML, address)."""
         used_devs = view.target_devs() | {
             a.target_dev
             for a in self.store.list_attachments(domain_uuid=record.domain_uuid)
@@ -278,7 +282,7 @@ class GuestDisks:
             record.attachment_id, target_dev=target_dev, disk_xml=disk_xml
         )
         failpoints.hit("attach.after_placement")
-        return disk_xml, address
+        return target_dev, disk_xml, address
 
     def _ensure_virtio_scsi(self, view: _DomainView) -> int:
         """Index of a virtio-scsi controller in both live and config, hot-adding one if needed."""

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hostagent import connectors, failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult
@@ -174,6 +174,8 @@ class AttachmentService:
                 self._roll_back(record, connector, target, made_connection)
                 raise
             self.store.set_attachment_state(attachment_id, AttachmentState.ATTACHED)
+            # the record as stored now: placement came back with it, the state is this one
+            view = attachment_view(self.store, replace(record, state=AttachmentState.ATTACHED))
             LOG.info(
                 "attachment %s: volume %s attached to %s as %s (%s, refcount %d)",
                 attachment_id,
@@ -181,11 +183,9 @@ class AttachmentService:
                 domain.name,
                 record.target_dev,
                 target.connection_key,
-                self.store.refcount(target.connection_key),
+                view.host_refcount,
             )
-            attached = self.store.get_attachment(attachment_id)
-            assert attached is not None
-            return attachment_view(self.store, attached), True
+            return view, True
 
     def _new_record(
         self,

@@ -308,7 +308,7 @@ def run(conf: cfg.ConfigOpts) -> int:
     state_dir = Path(conf.state_dir).absolute()
     private_state_dir(state_dir)
     prepare_os_brick(state_dir / "locks")
-    with state_dir_guard(state_dir):
+    with state_dir_guard(state_dir) as held:
         store = Store(state_dir / STATE_FILE)
         # In the state, not "the file is missing": a first start that failed
         # (socket taken) leaves a file, and the next start must still look.
@@ -337,7 +337,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             store=store,
             guests=guests,
             registry=registry,
-            locks=HostLocks(state_dir / "locks"),
+            locks=HostLocks(state_dir / "locks", held=held),
             settings=ServiceSettings(
                 detach_timeout=conf.detach_timeout,
                 detach_retry_interval=conf.libvirt.detach_retry_interval,

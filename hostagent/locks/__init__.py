@@ -1,11 +1,15 @@
 """Named locks: the only wrapper of oslo.concurrency in hostagent.
 
-Connection and domain locks are external (a file under ``<state_dir>/locks``
-plus oslo's in-process semaphore), so nothing else that takes them on this
-state dir can interleave. Attachment locks are in-process only: ids are
-single-use, a file per id would pile up forever, and the daemon holds the
-state dir exclusively (``state_dir_guard``). There is no global lock: work
-on different attachments, volumes and guests proceeds in parallel.
+The daemon holds its state dir exclusively (``state_dir_guard``), so no other
+process can take a lock on it: given that proof (``StateDirHeld``), every
+lock is in-process, a ``threading.Lock`` per name kept only while held or
+awaited. Without it (a service built outside the daemon), connection and
+domain locks are external as well (a file under ``<state_dir>/locks``, taken
+through oslo.concurrency), so nothing else that takes them on this state
+dir can interleave; that costs a makedirs, an open, a lockf and a close per
+acquisition. Attachment locks are always in-process only: ids are
+single-use, a file per id would pile up forever. There is no global lock:
+work on different attachments, volumes and guests proceeds in parallel.
 
 Order, whenever more than one is held::
 
@@ -23,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from oslo_concurrency import lockutils
@@ -39,20 +45,64 @@ def lock_file_name(kind: str, key: str) -> str:
     return f"{kind}-{readable}-{digest}"
 
 
-class HostLocks:
-    """Factory of the named external locks, rooted at ``lock_dir``."""
+@dataclass(frozen=True)
+class StateDirHeld:
+    """Proof that this process holds ``state_dir`` exclusively: what
+    ``state_dir_guard`` yields."""
 
-    def __init__(self, lock_dir: Path) -> None:
+    state_dir: Path
+
+
+class _NamedLocks:
+    """In-process locks by name; a name's lock lives only while someone holds
+    or awaits it, so single-use names never pile up."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        with self._mutex:
+            lock, users = self._locks.get(name) or (threading.Lock(), 0)
+            self._locks[name] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._mutex:
+                users = self._locks[name][1] - 1
+                if users:
+                    self._locks[name] = (lock, users)
+                else:
+                    del self._locks[name]
+
+
+# One table per process, as oslo's semaphores: two HostLocks on one lock dir
+# exclude each other.
+_IN_PROCESS = _NamedLocks()
+
+
+class HostLocks:
+    """Factory of the named locks, rooted at ``lock_dir``; in-process only when
+    ``held`` proves this process holds the state dir that ``lock_dir`` is in."""
+
+    def __init__(self, lock_dir: Path, *, held: StateDirHeld | None = None) -> None:
+        if held is not None and lock_dir.parent != held.state_dir:
+            raise ValueError(f"{lock_dir} is not the lock dir of {held.state_dir}")
         self.lock_dir = lock_dir
+        self._external = held is None
         lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @contextlib.contextmanager
     def _lock(self, kind: str, key: str, *, external: bool = True) -> Iterator[None]:
+        name = lock_file_name(kind, key)
+        if not (external and self._external):
+            with _IN_PROCESS.hold(f"{self.lock_dir}/{name}"):
+                yield
+            return
         with lockutils.lock(
-            lock_file_name(kind, key),
-            lock_file_prefix="hostagent-",
-            external=external,
-            lock_path=str(self.lock_dir),
+            name, lock_file_prefix="hostagent-", external=True, lock_path=str(self.lock_dir)
         ):
             yield
 
@@ -67,7 +117,7 @@ class HostLocks:
 
 
 @contextlib.contextmanager
-def state_dir_guard(state_dir: Path) -> Iterator[None]:
+def state_dir_guard(state_dir: Path) -> Iterator[StateDirHeld]:
     """Hold ``<state_dir>/hostagentd.lock`` for the daemon's lifetime, so a
     second daemon on the same state dir fails at start instead of racing."""
     path = state_dir / "hostagentd.lock"
@@ -75,7 +125,7 @@ def state_dir_guard(state_dir: Path) -> Iterator[None]:
     if not guard.acquire(blocking=False):
         raise StateDirBusy(f"another hostagentd holds {path}")
     try:
-        yield
+        yield StateDirHeld(state_dir)
     finally:
         guard.release()
 

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,6 +116,8 @@ def mask_secrets(text: str) -> str:
 
 
 _TRACEBACKS = logging.Formatter()
+# Set on a record by SecretFilter: its message (msg % args) is masked.
+_MASKED = "hostagent_masked"
 
 
 class SecretFilter(logging.Filter):
@@ -126,6 +129,7 @@ class SecretFilter(logging.Filter):
         masked = mask_secrets(message)
         if masked != message:
             record.msg, record.args = masked, None
+        record.__dict__[_MASKED] = True
         if record.exc_info and not record.exc_text:
             # What logging.Formatter.format would put there; it (and a handler
             # such as oslo.log's journald one) reuses exc_text when it is set.
@@ -141,7 +145,9 @@ class MaskingFormatter(logging.Formatter):
     oslo.log's ContextFormatter ignores a masked ``exc_text``: it formats the
     traceback again from ``exc_info`` and appends the exception's first line
     (``error_summary``, from ``exc_info`` or the exception being handled), which
-    no filter can reach. So the line it writes is masked once more here.
+    no filter can reach. So the line it writes is masked once more here,
+    unless it holds nothing but the message the filter masked (most lines:
+    each was masked twice).
     """
 
     def __init__(self, inner: logging.Formatter) -> None:
@@ -149,13 +155,28 @@ class MaskingFormatter(logging.Formatter):
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        line = mask_secrets(self.inner.format(record))
+        line = self.inner.format(record)
+        if _nothing_but_the_masked_message(record):
+            return line  # the filter masked all of it that is not plain fields
+        line = mask_secrets(line)
         if record.exc_text:  # the inner formatter's own, for handlers that reuse it
             record.exc_text = mask_secrets(record.exc_text)
         return line
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
         return mask_secrets(self.inner.formatException(ei))
+
+
+def _nothing_but_the_masked_message(record: logging.LogRecord) -> bool:
+    """The line carries no text but the message SecretFilter masked and the
+    record's plain fields: no traceback, no stack, and no exception summary,
+    which oslo.log appends from the exception being handled (in this thread)
+    to a WARNING or worse. Then masking the whole line again finds nothing."""
+    return bool(
+        record.__dict__.get(_MASKED)
+        and not (record.exc_info or record.exc_text or record.stack_info)
+        and (record.levelno < logging.WARNING or sys.exc_info()[0] is None)
+    )
 
 
 def install_filters(logger: logging.Logger | None = None) -> None:

@@ -1,8 +1,10 @@
 """The state file: sqlite, its schema, and how it is opened.
 
-WAL journal with ``synchronous=FULL``: a committed step survives a crash or a
-power cut. The file holds what os-brick needs to disconnect (possibly
-credentials), hence mode 0600, its WAL and shared-memory sidecars too.
+WAL journal; each transaction says how it reaches the disk (``Sync``): an
+intent is fsync'd before the act it announces, a completion is not (see
+``Sync``). Every commit survives a crash of the daemon. The file holds what
+os-brick needs to disconnect (possibly credentials), hence mode 0600, its WAL
+and shared-memory sidecars too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from enum import StrEnum
 from pathlib import Path
 
 SCHEMA_VERSION = 2
@@ -78,6 +81,21 @@ COMMIT;
 """  # noqa: S608 (constants only, no input)
 
 
+class Sync(StrEnum):
+    """The ``synchronous`` level of one transaction (WAL).
+
+    A FULL commit fsyncs the WAL, and with it every frame before it: what a
+    power cut can lose is only a suffix of NORMAL commits after the last FULL
+    one, so the file is always as it was right after some commit at or after
+    the last intent. Hence INTENT for every row written before an act;
+    COMPLETION only for rows reconcile derives again from libvirt and the
+    host when they are lost (README "After a crash": power cut).
+    """
+
+    INTENT = "FULL"
+    COMPLETION = "NORMAL"
+
+
 class StoreError(RuntimeError):
     """The state file cannot be used (corrupt, newer schema, unreadable)."""
 
@@ -111,7 +129,7 @@ def _check_and_migrate(db: sqlite3.Connection, path: Path) -> None:
     if result != "ok":
         raise StoreError(f"state file {path} failed integrity check: {result}")
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    db.execute(f"PRAGMA synchronous={Sync.INTENT}")  # Store keeps this default
     db.execute("PRAGMA foreign_keys=ON")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:

@@ -4,7 +4,10 @@ The file, its schema and its pragmas are ``hostagent.state.state_file``'s. The
 refcount of a connection is never stored; it is the number of attachment
 rows that reference it (any state), so it cannot drift from them. Every
 check-and-write runs in one ``BEGIN IMMEDIATE`` transaction, so two requests
-can never both pass a conflict check.
+can never both pass a conflict check. Every write is an intent (fsync'd,
+``Sync.INTENT``) but four completions: ``connected``, ``attached``, and the
+two ends of a detach (``release_if_shared``, ``finish_detach``), which a
+power cut may lose back to the intent before them (``Sync``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from hostagent.state.records import (
     attachment_from_row,
     connection_from_row,
 )
-from hostagent.state.state_file import StoreError, open_state_file
+from hostagent.state.state_file import StoreError, Sync, open_state_file
 
 # The records are defined in hostagent.state.records; callers import them from here.
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "ConnectionState",
     "Store",
     "StoreError",
+    "Sync",
     "Tombstone",
 ]
 
@@ -67,6 +71,10 @@ class Store:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._db = open_state_file(path)
+        self._sync = Sync.INTENT  # the writer's level as opened
+        # Called after each commit with its level, under the writer mutex:
+        # tests copy the file at each intent to model a power cut.
+        self.on_commit: Callable[[Sync], None] | None = None
 
     def close(self) -> None:
         with self._mutex:
@@ -87,12 +95,20 @@ class Store:
         return reader
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, sync: Sync = Sync.INTENT) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed at ``sync`` (an intent unless the
+        caller says it is a completion reconcile can derive again)."""
         with self._mutex:
+            if sync is not self._sync:
+                # synchronous is the connection's; it may change between transactions
+                self._db.execute(f"PRAGMA synchronous={sync}")
+                self._sync = sync
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
                 self._db.execute("COMMIT")
+                if self.on_commit is not None:
+                    self.on_commit(sync)
             except BaseException:
                 # A COMMIT that fails (disk full, I/O error) may leave the
                 # transaction open: end it, or every later write would fail.
@@ -291,9 +307,14 @@ class Store:
         keep_device: bool = False,
     ) -> None:
         """Move a connection to ``state``; on ``connected`` record the device
-        (or, with ``keep_device``, put it back as it was recorded)."""
-        with self._tx() as db:
-            if state is ConnectionState.CONNECTED and not keep_device:
+        (or, with ``keep_device``, put it back as it was recorded).
+
+        Recording a device is a completion: lost, the row is ``connecting``
+        (an intent) of a boot that the power cut ended, which reconcile
+        connects again for its users or releases."""
+        records_device = state is ConnectionState.CONNECTED and not keep_device
+        with self._tx(Sync.COMPLETION if records_device else Sync.INTENT) as db:
+            if records_device:
                 db.execute(
                     "UPDATE connections SET state = ?, device_path = ?, device_info = ?,"
                     " connected_at = ?, boot_id = coalesce(?, boot_id)"
@@ -361,7 +382,11 @@ class Store:
             )
 
     def set_attachment_state(self, attachment_id: str, state: AttachmentState) -> None:
-        with self._tx() as db:
+        """``attached`` is a completion (lost: ``attaching`` with its disk XML,
+        which reconcile finishes if the domain holds the disk, else rolls
+        back); every other state is the intent of what follows."""
+        sync = Sync.COMPLETION if state is AttachmentState.ATTACHED else Sync.INTENT
+        with self._tx(sync) as db:
             db.execute(
                 "UPDATE attachments SET state = ?, updated_at = ? WHERE attachment_id = ?",
                 (state, self._clock(), attachment_id),
@@ -425,8 +450,10 @@ class Store:
     ) -> Mapping[str, Any] | None:
         """If other attachments still use the connection, drop this one and write
         its tombstone (``result_for(users left)``) in one transaction and return
-        that result; if it is the last user, change nothing and return None."""
-        with self._tx() as db:
+        that result; if it is the last user, change nothing and return None.
+        A completion: lost, the record is as its ``detaching`` intent (or, for
+        a vanished domain, as before) left it, and the release is repeated."""
+        with self._tx(Sync.COMPLETION) as db:
             others = db.execute(
                 "SELECT count(*) FROM attachments WHERE connection_key = ? AND attachment_id != ?",
                 (attachment.connection_key, attachment.attachment_id),
@@ -461,8 +488,11 @@ class Store:
         *,
         drop_connection: bool,
     ) -> None:
-        """Drop the attachment (and its connection if released) and write the tombstone."""
-        with self._tx() as db:
+        """Drop the attachment (and its connection if released) and write the
+        tombstone. A completion: lost, the rows are as the intents before it
+        (``detaching``, ``disconnecting``) left them, and the release, done
+        again, writes the same answer."""
+        with self._tx(Sync.COMPLETION) as db:
             self._write_detached(db, attachment, result, drop_connection=drop_connection)
 
     def _write_detached(

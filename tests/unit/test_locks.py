@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
-from hostagent.locks import HostLocks, lock_file_name, state_dir_guard
+import pytest
+
+from hostagent.locks import _IN_PROCESS, HostLocks, lock_file_name, state_dir_guard
 
 
 def test_lock_file_names_are_safe_and_distinct() -> None:
@@ -75,3 +78,36 @@ def test_state_dir_guard_refuses_a_second_holder(tmp_path: Path) -> None:
         [sys.executable, "-c", probe, str(tmp_path)], capture_output=True, check=False
     )
     assert free.returncode == 0
+
+
+def test_with_the_state_dir_held_locks_are_in_process_and_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    with state_dir_guard(tmp_path) as held:
+        locks = HostLocks(tmp_path / "locks", held=held)
+        order: list[str] = []
+        entered = threading.Event()
+
+        def hold() -> None:
+            with locks.domain("dom-1"):
+                entered.set()
+                order.append("first in")
+                time.sleep(0.2)
+                order.append("first out")
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert entered.wait(5)
+        with locks.connection("local:/dev/loop1"):
+            order.append("other key")  # does not wait for dom-1
+        with locks.domain("dom-1"):
+            order.append("second in")
+        holder.join()
+        assert order == ["first in", "other key", "first out", "second in"]
+        assert list((tmp_path / "locks").iterdir()) == [], "no lock files"
+        assert _IN_PROCESS._locks == {}, "a lock lives only while used"
+
+
+def test_held_locks_need_the_held_state_dir(tmp_path: Path) -> None:
+    with state_dir_guard(tmp_path) as held, pytest.raises(ValueError, match="not the lock dir"):
+        HostLocks(tmp_path / "elsewhere" / "locks", held=held)

@@ -135,3 +135,22 @@ def test_the_daemons_formatter_writes_no_secret_of_log_exception(
     assert "attach a1 failed: RuntimeError: connect failed (password=***" in out
     assert "Traceback" in out and "--key ***" in out
     assert KEY not in out and PASSWORD not in out
+
+
+def test_a_warning_inside_a_handler_is_masked_where_oslo_appends_the_exception(
+    logged: tuple[logging.Logger, logging.StreamHandler[io.StringIO]],
+) -> None:
+    """oslo.log appends the first line of the exception being handled to a
+    WARNING logged without exc_info: the line is masked again then."""
+    logger, handler = logged
+    handler.setFormatter(formatters.ContextFormatter(config=load_config([])))
+    install_filters(logger)
+    try:
+        raise RuntimeError(f"connect failed (password={PASSWORD})")
+    except RuntimeError:
+        logger.warning("attach a1 failed; rolling back")
+    logger.warning("attach a1: --key %s", KEY)  # no exception: masked once, by the filter
+    out = handler.stream.getvalue()
+    assert "rolling back: RuntimeError: connect failed (password=***" in out
+    assert "attach a1: --key ***" in out
+    assert KEY not in out and PASSWORD not in out
