@@ -2,10 +2,11 @@
 disk on the host (``host.device_users``, reconcile, rebuild, doctor).
 
 Persistent configs come from ``PersistentConfigs`` (read from libvirt once,
-again only after libvirt wrote them). The guard's read of live disks by host
-path takes one round trip for every running domain (libvirt's block stats);
-a read that needs aliases or network sources reads each running domain's
-live XML.
+again only after libvirt wrote them); each running domain's live XML is read
+every time, several at once. (libvirt's ``getAllDomainStats`` block call is
+one round trip, but it asks every running QEMU for its block statistics:
+20-25 ms for 8 guests here, against 5.6 ms for their 8 live XMLs read one
+after the other.)
 """
 
 from __future__ import annotations
@@ -101,24 +102,6 @@ class DomainScan:
     def disks(self) -> list[DomainDisk]:
         """Every disk of ``snapshot``."""
         return self.snapshot().disks
-
-    def block_disks(self) -> list[DomainDisk]:
-        """Every disk that names a host path: live ones as libvirt's block stats
-        give them (target and path only: no alias, no network source), config
-        ones in full. A few round trips, whatever the number of domains."""
-        running = self._guests.live_block_sources()
-        domains = self._guests.list_domains()
-        listed = {d.uuid: d for d in domains}
-        live = [
-            DomainDisk(
-                listed.get(uuid) or DomainInfo(uuid, name, active=True, persistent=False),
-                "live",
-                DiskRef(target_dev=target, source_dev=path),
-            )
-            for uuid, (name, sources) in running.items()
-            for target, path in sources
-        ]
-        return live + self._configs(domains)
 
     def _configs(self, domains: list[DomainInfo]) -> list[DomainDisk]:
         persistent = [d for d in domains if d.persistent]

@@ -308,28 +308,6 @@ class Guests:
         domains: list[DomainInfo] = self.session.call("list domains", run)
         return domains
 
-    def live_block_sources(self) -> dict[str, tuple[str, list[tuple[str, str]]]]:
-        """By UUID, the name and the (target dev, host path) of each disk of every
-        running domain's live definition, in one round trip: libvirt's block
-        stats, which name no network source and no alias. Busy domains are not
-        waited for (their paths come from the definition all the same)."""
-
-        def run(conn: Any) -> dict[str, tuple[str, list[tuple[str, str]]]]:
-            records = conn.getAllDomainStats(
-                libvirt.VIR_DOMAIN_STATS_BLOCK,
-                libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
-                | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT,
-            )
-            return {
-                str(dom.UUIDString()): (str(dom.name()), _block_paths(stats))
-                for dom, stats in records
-            }
-
-        sources: dict[str, tuple[str, list[tuple[str, str]]]] = self.session.call(
-            "block sources of running domains", run
-        )
-        return sources
-
     def domain_xml(self, domain_uuid: str, *, inactive: bool = False) -> str:
         """Live XML (or the persistent config with ``inactive``)."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
@@ -455,13 +433,3 @@ class Guests:
 
         found: bool = self.session.call(f"look up secret {uuid}", run)
         return found
-
-
-def _block_paths(stats: dict[str, Any]) -> list[tuple[str, str]]:
-    """(target dev, path) of the disks a block-stats record names a path for."""
-    count = int(stats.get("block.count", 0))
-    return [
-        (str(stats.get(f"block.{i}.name", "")), str(stats[f"block.{i}.path"]))
-        for i in range(count)
-        if f"block.{i}.path" in stats
-    ]

@@ -128,12 +128,8 @@ def references_in(
 
 
 def find_references(scan: DomainScan, matcher: DiskMatcher) -> list[DeviceReference]:
-    """Every disk, in any domain's live XML or persistent config, ``matcher``
-    recognises: a host device is looked for by path (libvirt's block stats for
-    running domains, a few round trips whatever their number), a network
-    disk in every live XML."""
-    disks = scan.block_disks() if isinstance(matcher, HostDeviceMatcher) else scan.disks()
-    return references_in(disks, matcher)
+    """Every disk, in any domain's live XML or persistent config, ``matcher`` recognises."""
+    return references_in(scan.disks(), matcher)
 
 
 # A process found holding a device no domain names is looked at again for this
@@ -187,10 +183,6 @@ def device_users(
 
 def _domains_using(scan: DomainScan, matcher: DiskMatcher) -> list[str]:
     refs = find_references(scan, matcher)
-    if any(ref.alias is None for ref in refs):
-        # Block stats name no alias: a device found in use (the rare, kept
-        # case) is described from the full XML, which names its disks.
-        refs = references_in(scan.disks(), matcher) or refs
     return [
         f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
         for ref in refs

@@ -93,18 +93,22 @@ class HolderSearch:
             known = self._remembered.get(pid)
         if known is not None and remember and self._unchanged(pid, known):
             return known.command if rdev in known.blocks else None
-        runtimes = self._runtimes(pid)  # before the search: a change during it shows later
+        # Run times are read before the search, so a change during it shows
+        # next time; only for a process worth remembering (the size of its
+        # fd directory is its number of descriptors, 0 on kernels before 6.2).
+        remember = remember and _descriptors(f"{self._proc}/{pid}") >= self._remember_from
+        runtimes = self._runtimes(pid) if remember else {}
         searched = _block_devices_open(f"{self._proc}/{pid}")
         if searched is None:  # exited, or not ours to look at
             return None
         blocks, count = searched
-        command = _command(f"{self._proc}/{pid}")
         if remember and count >= self._remember_from:
             started = self._started(pid)
             if runtimes and started and self._table_is_its_own(pid, count):
+                command = _command(f"{self._proc}/{pid}")
                 with self._mutex:
                     self._remembered[pid] = _Remembered(started, runtimes, blocks, command)
-        return command if rdev in blocks else None
+        return _command(f"{self._proc}/{pid}") if rdev in blocks else None
 
     def _unchanged(self, pid: str, known: _Remembered) -> bool:
         return self._started(pid) == known.started and self._runtimes(pid) == known.runtimes
@@ -157,6 +161,13 @@ def _other_table(pid: int, other: int) -> bool:
     if _KCMP is None:
         return False
     return int(_libc.syscall(_KCMP, pid, other, _KCMP_FILES, 0, 0)) > 0
+
+
+def _descriptors(proc_dir: str) -> int:
+    try:
+        return os.stat(f"{proc_dir}/fd").st_size
+    except OSError:
+        return 0
 
 
 def _block_devices_open(proc_dir: str) -> tuple[frozenset[int], int] | None:

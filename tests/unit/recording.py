@@ -130,21 +130,6 @@ class RecordingGuests(Guests):
         root = wanted if wanted is not None else (state.live if inactive else state.config)
         return str(etree.tostring(root, encoding="unicode"))
 
-    def live_block_sources(self) -> dict[str, tuple[str, list[tuple[str, str]]]]:
-        # libvirt's block stats: (target, path) of live disks with a host path
-        return {
-            uuid: (
-                state.info.name,
-                [
-                    (str(disk.find("./target").get("dev")), str(source))
-                    for disk in state.live.iterfind("./devices/disk")
-                    if (source := _host_path(disk)) is not None
-                ],
-            )
-            for uuid, state in self._domains.items()
-            if state.live is not None
-        }
-
     def migrating(self, domain_uuid: str) -> bool:
         return domain_uuid in self.migrating_domains and domain_uuid in self._domains
 
@@ -202,14 +187,6 @@ class RecordingGuests(Guests):
         for root, wanted in ((state.live, live), (state.config, config)):
             if wanted:
                 root.find("./devices").append(copy.deepcopy(element))
-
-
-def _host_path(disk: Any) -> str | None:
-    source = disk.find("./source")
-    if source is None:
-        return None
-    path = source.get("dev") or source.get("file")
-    return str(path) if path else None
 
 
 def _find(root: Any, alias: str) -> Any:

@@ -127,9 +127,8 @@ def test_processes_holding_ignores_what_is_not_a_block_device() -> None:
 
 
 def test_a_network_disk_only_a_running_domain_has_keeps_its_connection() -> None:
-    """Libvirt's block stats name no network source: an rbd image used by a
-    running domain's live XML alone (migrated in, or hot-plugged live) is
-    found by reading live XML, never missed by the cheap path."""
+    """An rbd image only a running domain's live XML names (migrated in, or
+    hot-plugged live) keeps its connection."""
     guests = RecordingGuests()
     guests.arrive(
         str(uuid.uuid4()),
@@ -142,7 +141,7 @@ def test_a_network_disk_only_a_running_domain_has_keeps_its_connection() -> None
     assert device_users(DomainScan(guests), image) == ["domain other (live, disk scsi0-0-0-1)"]
 
 
-def test_a_host_device_in_a_running_domains_live_disks_is_found_by_its_block_path(
+def test_a_host_device_in_a_running_domains_live_disks_keeps_its_connection(
     loop_device: str,
 ) -> None:
     guests = RecordingGuests()
