@@ -9,9 +9,10 @@ the VM) carries everything in and out::
     share/src/          a fresh copy of the project (on the VM's venv path)
     share/run.sh        the script, run with bash as root, cwd /tmp
     share/init2.sh      guest-init.sh: the VM's stage-2 init
+    share/libvirt-caps/ QEMU capabilities an earlier run's libvirtd probed, if any
     share/lab.env       the run's settings
-    share/out/          stdout, stderr, status, boot-seconds, dmesg.txt and
-                        whatever the script writes to $LAB_OUT
+    share/out/          stdout, stderr, status, boot-seconds, dmesg.txt,
+                        libvirt-caps/ and whatever the script writes to $LAB_OUT
     share/console.log   the serial console (kernel, init, script output)
     share/qemu.cmd      the QEMU command line (its overlay is gone after the run)
     share/qemu.log      QEMU's own stdout and stderr
