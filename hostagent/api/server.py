@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from hostagent import __version__
-from hostagent.api.connector_props import connector_properties
 from hostagent.api.models import (
     ID_PATTERN,
     Attachment,
@@ -209,6 +208,22 @@ async def read_body(request: web.Request) -> bytes:
         ) from None
 
 
+def _connector_properties(
+    *, target: str | None, host: str, my_ip: str | None, multipath: bool, rbd_local_attach: bool
+) -> ConnectorProperties:
+    """connector_props imported on first use, in the worker thread: its route
+    lookup (pyroute2) is start-up time that no request but this one needs."""
+    from hostagent.api.connector_props import connector_properties  # noqa: PLC0415
+
+    return connector_properties(
+        target=target,
+        host=host,
+        my_ip=my_ip,
+        multipath=multipath,
+        rbd_local_attach=rbd_local_attach,
+    )
+
+
 class ApiHandlers:
     """aiohttp handlers bound to the service, the reconciler and a thread pool."""
 
@@ -326,7 +341,7 @@ class ApiHandlers:
     async def connector(self, request: web.Request) -> web.Response:
         properties = await self._run(
             functools.partial(
-                connector_properties,
+                _connector_properties,
                 target=request.query.get("target"),
                 host=self.connector_host,
                 my_ip=self.connector_my_ip,

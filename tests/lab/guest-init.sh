@@ -48,12 +48,11 @@ modprobe -a configfs target_core_mod target_core_file target_core_iblock iscsi_t
   fail_setup "modprobe"
 mnt configfs /sys/kernel/config # (its mount point appears with the module)
 
-# -- udev, so /dev/disk/by-path links appear
+# -- udev, so /dev/disk/by-path links appear (settled below: the coldplug
+# runs while dbus, iscsid and libvirtd start, none of which waits for it)
 /lib/systemd/systemd-udevd --daemon || fail_setup "systemd-udevd"
 udevadm trigger --type=subsystems --action=add
 udevadm trigger --type=devices --action=add
-udevadm settle --timeout=60 || say "udevadm settle timed out"
-say "udev settled"
 
 # -- dbus (targetcli), iscsid, libvirt
 dbus-uuidgen --ensure
@@ -63,6 +62,13 @@ if ! grep -q '^InitiatorName=' /etc/iscsi/initiatorname.iscsi 2>/dev/null; then
 fi
 iscsid || fail_setup "iscsid"
 virtlogd -d || fail_setup "virtlogd"
+# QEMU's capabilities as an earlier run of this image probed them (vm.py keeps
+# them beside the image): libvirtd probes them again only if they are stale,
+# instead of spending seconds of TCG at every run's first guest.
+if [ -d "$share/libvirt-caps" ]; then
+  mkdir -p /var/cache/libvirt/qemu/capabilities
+  cp "$share"/libvirt-caps/*.xml /var/cache/libvirt/qemu/capabilities/ 2>/dev/null
+fi
 libvirtd -d || fail_setup "libvirtd"
 for _ in $(seq 120); do
   virsh -q -c qemu:///system uri >/dev/null 2>&1 && break
@@ -70,6 +76,8 @@ for _ in $(seq 120); do
 done
 virsh -q -c qemu:///system uri >/dev/null || fail_setup "libvirtd does not answer"
 say "libvirtd answers"
+udevadm settle --timeout=60 || say "udevadm settle timed out"
+say "udev settled"
 
 # -- the project, from the share (the image's venv has a .pth for /lab/share/src)
 for tool in hostagentd:hostagent.daemon hostagentctl:hostagent.cli; do
@@ -98,5 +106,7 @@ say "run.sh exited $status"
 sleep 0.5
 kill "$tail_pid" 2>/dev/null
 cp /run/lab/stdout /run/lab/stderr "$out/"
+mkdir -p "$out/libvirt-caps"
+cp /var/cache/libvirt/qemu/capabilities/*.xml "$out/libvirt-caps/" 2>/dev/null
 dmesg >"$out/dmesg.txt"
 echo "$status" >"$out/status.tmp" && mv "$out/status.tmp" "$out/status"

@@ -43,14 +43,30 @@ lio_restore() { # lio_restore JSON: load a whole LIO configuration
 start_tcg_guests() { # start_tcg_guests N: demo-1..demo-N, firmware only, under TCG
   # qboot (QEMU's own minimal firmware) idles at once; SeaBIOS spends seconds
   # of emulated CPU probing for a boot device in every guest it starts.
-  local n loader=""
+  # All at once: a QEMU start under TCG is seconds of one vCPU, and there are two.
+  local n loader="" pids=() status=0
   [ -e /usr/share/qemu/qboot.rom ] &&
     loader="<loader readonly='yes' type='rom'>/usr/share/qemu/qboot.rom</loader>"
   for n in $(seq 1 "$1"); do
     sed "s/<domain type='kvm'>/<domain type='qemu'>/; s/demo-1/demo-$n/; s#hvm</type>#hvm</type>$loader#" \
       "$LAB_SRC/docs/example-guest.xml" >/tmp/guest$n.xml
-    virsh create /tmp/guest$n.xml >/dev/null
+    virsh create /tmp/guest$n.xml >/dev/null &
+    pids+=($!)
   done
+  for n in "${pids[@]}"; do wait "$n" || status=$?; done
+  [ "$status" = 0 ] || fail "virsh create of a TCG guest failed"
+}
+
+start_tcg_guests_meanwhile() { # start_tcg_guests_meanwhile N: start_tcg_guests N in the background
+  # while the scenario starts hostagentd (Python imports under TCG take one
+  # vCPU for half a minute); wait_tcg_guests before the guests are used.
+  start_tcg_guests "$1" &
+  guests_starting=$!
+}
+
+wait_tcg_guests() { # the guests of start_tcg_guests_meanwhile are running
+  wait "$guests_starting" || fail "the TCG guests did not start"
+  log "TCG guests running"
 }
 
 hostagentd_config() { # hostagentd_config [INI_LINE...]: debug logs, 1 s unplug retries, then the lines

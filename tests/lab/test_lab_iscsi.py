@@ -40,11 +40,10 @@ sessions() { iscsiadm -m session 2>/dev/null | grep -c "$1" || true; }
 
 log "LIO: $SHARED (plain) and $CHAP (CHAP), for $INITIATOR"
 __LIO__
-log "two TCG guests, firmware only"
-start_tcg_guests 2
-
-log "hostagentd"
+log "two TCG guests, firmware only, and hostagentd"
+start_tcg_guests_meanwhile 2
 start_hostagentd "$LAB_OUT/hostagentd.log"
+wait_tcg_guests
 cat >/tmp/shared.json <<EOF
 {"driver_volume_type": "iscsi",
  "data": {"target_portal": "$PORTAL", "target_iqn": "$SHARED", "target_lun": 0}}

@@ -104,11 +104,10 @@ truncate -s __BEFORE__ "$IMG"
 LOOP=$(losetup --find --show "$IMG")
 ln -sfn "$LOOP" __LOOP_LINK__
 __LIO__
-log "two TCG guests, firmware only"
-start_tcg_guests 2
-
-log "hostagentd"
+log "two TCG guests, firmware only, and hostagentd"
+start_tcg_guests_meanwhile 2
 start_hostagentd "$LAB_OUT/hostagentd.log"
+wait_tcg_guests
 cat >/tmp/grow.json <<EOF
 {"driver_volume_type": "iscsi",
  "data": {"target_portal": "$PORTAL", "target_iqn": "$IQN", "target_lun": 0}}

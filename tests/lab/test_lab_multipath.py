@@ -45,12 +45,11 @@ wait_for 60 multipathd show status
 
 log "LIO: $IQN on two portals, for $INITIATOR"
 __LIO__
-log "two TCG guests, firmware only"
-start_tcg_guests 2
-
-log "hostagentd with use_multipath"
+log "two TCG guests, firmware only, and hostagentd with use_multipath"
+start_tcg_guests_meanwhile 2
 hostagentd_config "[iscsi]" "use_multipath = true"
 start_hostagentd "$LAB_OUT/hostagentd.log"
+wait_tcg_guests
 cat >/tmp/mp.json <<EOF
 {"driver_volume_type": "iscsi",
  "data": {"target_portals": ["127.0.0.2:3260", "127.0.0.1:3260"],

@@ -9,9 +9,10 @@ the VM) carries everything in and out::
     share/src/          a fresh copy of the project (on the VM's venv path)
     share/run.sh        the script, run with bash as root, cwd /tmp
     share/init2.sh      guest-init.sh: the VM's stage-2 init
+    share/libvirt-caps/ QEMU capabilities an earlier run's libvirtd probed, if any
     share/lab.env       the run's settings
-    share/out/          stdout, stderr, status, boot-seconds, dmesg.txt and
-                        whatever the script writes to $LAB_OUT
+    share/out/          stdout, stderr, status, boot-seconds, dmesg.txt,
+                        libvirt-caps/ and whatever the script writes to $LAB_OUT
     share/console.log   the serial console (kernel, init, script output)
     share/qemu.cmd      the QEMU command line (its overlay is gone after the run)
     share/qemu.log      QEMU's own stdout and stderr
@@ -25,6 +26,7 @@ the project from ``$LAB_SRC``.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import shlex
 import shutil
@@ -41,6 +43,12 @@ from tests.lab.build_image import REPO, LabImage, ensure_image
 HERE = Path(__file__).resolve().parent
 GUEST_INIT = HERE / "guest-init.sh"
 QEMU = "qemu-system-x86_64"
+# QEMU's minimal firmware boots the -kernel at once; SeaBIOS spends seconds
+# of TCG on its own probing first (the lab's inner guests use it too).
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+# Beside the image: QEMU's capabilities as the VM's libvirtd probed them
+# (guest-init.sh gives them back to libvirtd at the next run).
+LIBVIRT_CAPS = "libvirt-caps"
 KERNEL_ARGS = (
     "root=/dev/vda rw rootfstype=ext4 fsck.mode=skip console=ttyS0 init=/lab/init "
     "panic=1 loglevel=4 mitigations=off net.ifnames=0"
@@ -115,12 +123,18 @@ def _copy_project(destination: Path, share: Path) -> None:
         return ignored
 
     shutil.copytree(REPO, destination, ignore=ignore, symlinks=True)
+    # Bytecode made here in a second, not by the VM's Python under TCG at its
+    # first import (the copy keeps the sources' mtimes, which the .pyc names).
+    # The VM imports it only if its Python is the same minor version.
+    compileall.compile_dir(destination, quiet=2)
 
 
-def _prepare_share(share: Path, script: str, timeout: float) -> None:
+def _prepare_share(share: Path, script: str, timeout: float, image: LabImage) -> None:
     share.mkdir(parents=True, exist_ok=True)
-    for name in ("src", "out"):
+    for name in ("src", "out", LIBVIRT_CAPS):
         shutil.rmtree(share / name, ignore_errors=True)
+    if (image.directory / LIBVIRT_CAPS).is_dir():
+        shutil.copytree(image.directory / LIBVIRT_CAPS, share / LIBVIRT_CAPS)
     (share / "console.log").unlink(missing_ok=True)
     _copy_project(share / "src", share.resolve())
     (share / "out").mkdir()
@@ -129,11 +143,28 @@ def _prepare_share(share: Path, script: str, timeout: float) -> None:
     (share / "lab.env").write_text(f"LAB_TIMEOUT={int(timeout)}\n")
 
 
+def _keep_libvirt_caps(out: Path, image: LabImage) -> None:
+    """The first run's probed QEMU capabilities, kept beside the image for the next runs."""
+    probed = sorted((out / LIBVIRT_CAPS).glob("*.xml"))
+    kept = image.directory / LIBVIRT_CAPS
+    if not probed or kept.exists():
+        return
+    staging = Path(tempfile.mkdtemp(prefix=f"{LIBVIRT_CAPS}-", dir=image.directory))
+    for path in probed:
+        shutil.copyfile(path, staging / path.name)
+    try:
+        staging.rename(kept)
+    except OSError:  # another run kept its own first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def qemu_command(
     image: LabImage, overlay: Path, share: Path, *, memory_mb: int, cpus: int
 ) -> list[str]:
+    firmware = ["-bios", str(QBOOT)] if QBOOT.exists() else []
     return [
         QEMU,
+        *firmware,
         "-accel", "tcg",
         # svm/vmx off: nested virt under TCG would give the VM a /dev/kvm the
         # inner guests must not use. la57 off: with 5-level paging QEMU 7.2's
@@ -187,7 +218,7 @@ def run_in_lab(
     if not image.built:
         log(f"lab: image {image.key} cached")
     share = share.absolute()
-    _prepare_share(share, script, timeout)
+    _prepare_share(share, script, timeout, image)
     work = Path(tempfile.mkdtemp(prefix="lab-run-", dir="/var/tmp"))
     overlay = work / "overlay.qcow2"
     proc: subprocess.Popen[bytes] | None = None
@@ -217,6 +248,8 @@ def run_in_lab(
         wall = time.monotonic() - start
         shutil.rmtree(work, ignore_errors=True)
     out = share / "out"
+    with contextlib.suppress(OSError):
+        _keep_libvirt_caps(out, image)
     status_text = _read(out / "status").strip()
     boot_text = _read(out / "boot-seconds").strip()
     result = LabResult(
