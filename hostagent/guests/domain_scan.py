@@ -105,9 +105,15 @@ class DomainScan:
 
     def _configs(self, domains: list[DomainInfo]) -> list[DomainDisk]:
         persistent = [d for d in domains if d.persistent]
-        self.configs.keep_only(d.uuid for d in persistent)
-        return self._each(
-            persistent,
+        known = self.configs.known((d.uuid, d.name) for d in persistent)
+        cached = [
+            DomainDisk(d, "config", disk)
+            for d in persistent
+            if d.uuid in known
+            for disk in known[d.uuid]
+        ]
+        return cached + self._each(
+            [d for d in persistent if d.uuid not in known],
             lambda d: [
                 DomainDisk(d, "config", disk) for disk in self.configs.disks_of(d.uuid, d.name)
             ],

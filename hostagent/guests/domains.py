@@ -287,23 +287,26 @@ class Guests:
             return None
 
     def list_domains(self) -> list[DomainInfo]:
-        """Every domain, live or defined, in two round trips whatever their number."""
+        """Every domain, live or defined, in two round trips whatever their number:
+        all of them (a handle knows whether it runs), then the transient ones
+        (every other domain is persistent)."""
 
         def run(conn: Any) -> list[DomainInfo]:
-            active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            persistent = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
-            active_uuids = {str(d.UUIDString()) for d in active}
-            persistent_uuids = {str(d.UUIDString()) for d in persistent}
-            by_uuid = {str(d.UUIDString()): str(d.name()) for d in [*active, *persistent]}
-            return [
-                DomainInfo(
-                    uuid=uuid,
-                    name=name,
-                    active=uuid in active_uuids,
-                    persistent=uuid in persistent_uuids,
+            every = conn.listAllDomains(0)
+            transient = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+            transient_uuids = {str(d.UUIDString()) for d in transient}
+            found = []
+            for dom in every:
+                uuid = str(dom.UUIDString())
+                found.append(
+                    DomainInfo(
+                        uuid=uuid,
+                        name=str(dom.name()),
+                        active=int(dom.ID()) != -1,
+                        persistent=uuid not in transient_uuids,
+                    )
                 )
-                for uuid, name in sorted(by_uuid.items(), key=lambda item: item[1])
-            ]
+            return sorted(found, key=lambda domain: domain.name)
 
         domains: list[DomainInfo] = self.session.call("list domains", run)
         return domains

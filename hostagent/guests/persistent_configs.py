@@ -136,12 +136,20 @@ class PersistentConfigs:
                     self._entries[uuid] = _Entry(name, disks)
         return disks
 
-    def keep_only(self, uuids: Iterable[str]) -> None:
-        """Forget domains not in ``uuids`` (undefined since they were cached)."""
-        wanted = set(uuids)
+    def known(self, domains: Iterable[tuple[str, str]]) -> dict[str, tuple[DiskRef, ...]]:
+        """The cached disks of those of ``domains`` (UUID, name) whose config is
+        unchanged, after one look at the changes; every other domain is
+        forgotten (undefined since it was cached)."""
+        wanted = dict(domains)
         with self._lock:
+            self._drain()
             for uuid in [u for u in self._entries if u not in wanted]:
                 del self._entries[uuid]
+            return {
+                uuid: entry.disks
+                for uuid, entry in self._entries.items()
+                if entry.name == wanted[uuid]
+            }
 
     def _drain(self) -> None:
         """Apply every change queued so far; the caller holds the lock."""
