@@ -23,7 +23,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import _ErrInfo
 
-from hostagent.api.server import error_response
+from hostagent.api.middlewares import error_response
 from hostagent.errors import (
     HostagentError,
     HttpVersionNotSupported,

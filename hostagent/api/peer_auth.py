@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from hostagent.api.middlewares import Handler
 from hostagent.errors import Forbidden
 
 LOG = logging.getLogger(__name__)
@@ -75,9 +76,6 @@ class PeerPolicy:
             or peer.gid in self.allowed_gids
             or bool(self.allowed_gids and peer.groups() & self.allowed_gids)
         )
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def peer_auth_middleware(policy: PeerPolicy) -> Middleware:

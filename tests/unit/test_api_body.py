@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from hostagent.api import server as api
+from hostagent.api import middlewares as api
 
 
 class StalledBody:
