@@ -10,7 +10,6 @@ our devices without a record of ours (their devices stay connected).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -19,11 +18,12 @@ from hostagent.attachments.diagnostics import unrecorded_disk_detail
 from hostagent.attachments.guest_disks import GuestDisks
 from hostagent.attachments.host_connections import DomainBack, HostConnections
 from hostagent.attachments.migration import Migrations
+from hostagent.attachments.reconcile_connections import ConnectionPass
+from hostagent.attachments.reconcile_connections import act as _act
 from hostagent.errors import DomainNotFound, HostagentError
 from hostagent.guests.disk_presence import DiskPresence
-from hostagent.guests.domain_scan import DomainDisk, DomainSnapshot
+from hostagent.guests.domain_scan import DomainSnapshot
 from hostagent.guests.domains import DomainInfo, Guests
-from hostagent.host.device_users import DeviceNumbers, device_users, matcher_for, references_in
 from hostagent.libvirt_xml.disk import parse_disk_refs
 from hostagent.libvirt_xml.policy import USER_ALIAS_PREFIX
 from hostagent.locks import HostLocks
@@ -31,8 +31,6 @@ from hostagent.observability import logctx
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
-    ConnectionRecord,
-    ConnectionState,
     Store,
 )
 
@@ -40,7 +38,8 @@ LOG = logging.getLogger(__name__)
 
 
 class Reconciler:
-    """One pass over attachments, then connections, then foreign disks.
+    """One pass over attachments, then connections and foreign disks (those two
+    are ``reconcile_connections.ConnectionPass``).
 
     ``connections`` and ``disks`` are the attachment service's own (built on
     the same store, guests and locks), so both take the same locks.
@@ -68,6 +67,14 @@ class Reconciler:
         self._connections = connections
         self._disks = disks
         self._presence = DiskPresence(guests)
+        self.connection_pass = ConnectionPass(
+            store=store,
+            guests=guests,
+            locks=locks,
+            connections=connections,
+            presence=self._presence,
+            boot_id=boot_id,
+        )
         self._boot_id = boot_id
         self.tombstone_ttl = tombstone_ttl
         self._clock = clock
@@ -76,7 +83,7 @@ class Reconciler:
         actions: list[ReconcileAction] = []
         for connection in self._store.list_connections():
             if connection.from_earlier_boot(self._boot_id):
-                actions += self._after_reboot(connection)
+                actions += self.connection_pass.after_reboot(connection)
         # One read of every domain for the pass: an attachment it shows settled
         # costs nothing more; any other is looked at again, fresh, under its lock.
         snapshot = self._connections.scan.snapshot()
@@ -88,11 +95,12 @@ class Reconciler:
                 acted = acted or bool(found)
                 actions += found
         for connection in self._store.list_connections():
-            actions += self._connection(connection.connection_key)
+            actions += self.connection_pass.connection(connection.connection_key)
         if acted:  # what the pass did may have changed the disks and records it read
             snapshot = self._connections.scan.snapshot()
             records = self._store.list_attachments()
-        actions += self._foreign_disks(snapshot.disks, {(a.domain_uuid, a.alias) for a in records})
+        ours = {(a.domain_uuid, a.alias) for a in records}
+        actions += self.connection_pass.foreign_disks(snapshot.disks, ours)
         purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
         if purged:
             actions.append(
@@ -245,154 +253,6 @@ class Reconciler:
             if disk.alias and disk.alias.startswith(USER_ALIAS_PREFIX)
         }
 
-    def _after_reboot(self, connection: ConnectionRecord) -> list[ReconcileAction]:
-        """A connection made in an earlier boot is gone with it. Connect it again
-        for every guest that can still start with the disk (a persistent domain
-        whose config holds it, or a domain already running with it); release
-        every other attachment."""
-        key = connection.connection_key
-        actions = []
-        for record in self._store.list_attachments(connection_key=key):
-            with self._locks.attachment(record.attachment_id):
-                current = self._store.get_attachment(record.attachment_id)
-                if current is None or current.state is AttachmentState.INCOMING:
-                    continue  # awaited: connected again below; released by its timeout
-                domain = self._guests.find(current.domain_uuid)
-                if domain is not None and any(self._presence.of(domain, current.alias)):
-                    continue
-                result = self._connections.release_after_reboot(current)
-                actions.append(
-                    _act(
-                        "released_after_reboot",
-                        current,
-                        f"domain {current.domain_name} is gone or no longer holds the disk; "
-                        f"terminate_connection={str(result.terminate_connection).lower()}",
-                    )
-                )
-        with self._connections.exclusive(key):
-            current_connection = self._store.get_connection(key)
-            if (
-                current_connection is None
-                or self._store.refcount(key) == 0
-                or not current_connection.from_earlier_boot(self._boot_id)
-            ):
-                # gone, unused (the connection pass releases it), or connected
-                # again meanwhile by an attach (join): nothing left to do here.
-                return actions
-            try:
-                self._connections.reconnect(current_connection)
-            except HostagentError as exc:
-                return [
-                    *actions,
-                    ReconcileAction(
-                        action="failed",
-                        subject=key,
-                        detail=f"reconnect after reboot: {exc.message}",
-                    ),
-                ]
-        actions.append(
-            ReconcileAction(
-                action="reconnected_after_reboot",
-                subject=key,
-                detail=f"connected again for {self._store.refcount(key)} attachments whose "
-                "guests still hold the disk",
-            )
-        )
-        return actions
-
-    def _connection(self, connection_key: str) -> list[ReconcileAction]:
-        with self._connections.exclusive(connection_key):
-            connection = self._store.get_connection(connection_key)
-            if connection is None:
-                return []
-            users = self._store.refcount(connection_key)
-            try:
-                if users == 0:
-                    return self._unused_connection(connection)
-                if connection.state is ConnectionState.DISCONNECTING and all(
-                    record.state is AttachmentState.DETACHING
-                    for record in self._store.list_attachments(connection_key=connection_key)
-                ):
-                    # A last detach whose disconnect failed: the DELETE's retry (or
-                    # the attachment pass) finishes the release; logging in again
-                    # now would only undo what it already did.
-                    return []
-                if connection.state is not ConnectionState.CONNECTED:
-                    self._connections.reconnect(connection)
-                    return [
-                        ReconcileAction(
-                            action="reconnected",
-                            subject=connection_key,
-                            detail=f"was {connection.state.value} with {users} attachments",
-                        )
-                    ]
-                if connection.device_path and not os.path.exists(connection.device_path):
-                    missing = ReconcileAction(
-                        action="device_missing",
-                        subject=connection_key,
-                        detail=f"{connection.device_path} is gone while {users} attachments "
-                        "use it; connecting again",
-                    )
-                    self._connections.reconnect(connection)
-                    return [
-                        missing,
-                        ReconcileAction(
-                            action="reconnected",
-                            subject=connection_key,
-                            detail=f"{connection.device_path} is back",
-                        ),
-                    ]
-            except HostagentError as exc:
-                return [
-                    ReconcileAction(action="failed", subject=connection_key, detail=exc.message)
-                ]
-        return []
-
-    def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
-        key = connection.connection_key
-        users = device_users(self._connections.scan, connection)
-        if users:
-            return [
-                ReconcileAction(
-                    action="kept",
-                    subject=key,
-                    detail="no attachments, but used by " + "; ".join(users),
-                )
-            ]
-        if not self._connections.disconnect_unused(connection):
-            return []  # attached again meanwhile: in use, nothing to do
-        return [
-            ReconcileAction(
-                action="disconnected",
-                subject=key,
-                detail=f"no attachments and nothing uses {connection.device_path or key}",
-            )
-        ]
-
-    def _foreign_disks(
-        self, disks: list[DomainDisk], ours: set[tuple[str, str | None]]
-    ) -> list[ReconcileAction]:
-        """Disks on our connections' devices that no attachment of ours (``ours``:
-        (domain UUID, alias)) accounts for."""
-        connections = [(c, m) for c in self._store.list_connections() if (m := matcher_for(c))]
-        others = [d for d in disks if (d.domain.uuid, d.disk.alias) not in ours]
-        if not connections or not others:
-            return []
-        found = []
-        numbers: DeviceNumbers = {}
-        for connection, matcher in connections:
-            for ref in references_in(others, matcher, numbers):
-                found.append(
-                    ReconcileAction(
-                        action="foreign_disk",
-                        subject=connection.connection_key,
-                        detail=f"domain {ref.domain_name} ({ref.where}) uses "
-                        f"{ref.source} as {ref.target_dev} without an attachment "
-                        "of ours; the device stays connected",
-                    )
-                )
-        return found
-
     def domain_gone(self, domain_uuid: str) -> list[ReconcileAction]:
         """Release the attachments of a domain libvirt no longer has (none if it
         is there, a persistent domain that only stopped)."""
@@ -415,7 +275,3 @@ def _settled(record: AttachmentRecord, snapshot: DomainSnapshot) -> bool:
         and domain.name == record.domain_name
         and (record.domain_uuid, record.alias) in snapshot.aliases
     )
-
-
-def _act(action: str, record: AttachmentRecord, detail: str) -> ReconcileAction:
-    return ReconcileAction(action=action, subject=record.attachment_id, detail=detail)

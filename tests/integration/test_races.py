@@ -193,7 +193,7 @@ def test_reconcile_does_not_connect_again_what_an_attach_just_reconnected(
     attach(after, device, guests.make(), multiattach=True)  # connects it again, in this boot
     assert connector.connects == [key]
 
-    actions = reconciler_for(after)._after_reboot(listed)
+    actions = reconciler_for(after).connection_pass.after_reboot(listed)
     assert [a.action for a in actions] == [], actions
     assert connector.connects == [key], "not logged in a second time"
     connection = after.store.get_connection(key)
@@ -221,7 +221,7 @@ def test_reconcile_releases_for_real_a_connection_reconnected_since_its_listing(
     after.detach(fresh)  # shared with the stale one: the connection stays, of boot-b
     assert connector.connects == [key] and connector.disconnects == []
 
-    actions = reconciler_for(after)._after_reboot(listed)
+    actions = reconciler_for(after).connection_pass.after_reboot(listed)
     assert [(a.action, a.subject) for a in actions] == [("released_after_reboot", stale)]
     assert connector.disconnects == [key], "disconnected, not dropped while connected"
     assert after.store.get_connection(key) is None
