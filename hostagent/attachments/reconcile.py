@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 
 from hostagent.api.models import ReconcileAction, ReconcileReport
+from hostagent.attachments.connection_release import DomainBack
 from hostagent.attachments.diagnostics import unrecorded_disk_detail
 from hostagent.attachments.guest_disks import GuestDisks
-from hostagent.attachments.host_connections import DomainBack, HostConnections
+from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.migration import Migrations
 from hostagent.attachments.reconcile_connections import ConnectionPass
 from hostagent.attachments.reconcile_connections import act as _act

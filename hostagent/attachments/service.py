@@ -20,8 +20,9 @@ from hostagent import connectors, failpoints
 from hostagent.api.models import Attachment, AttachRequest, DetachResult
 from hostagent.api.views import attachment_view
 from hostagent.attachments.attach_id import repeated_attach
+from hostagent.attachments.connection_release import DomainBack
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
-from hostagent.attachments.host_connections import DomainBack, HostConnections
+from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.migration import (
     DEFAULT_INCOMING_TIMEOUT,
     Migrations,
