@@ -78,7 +78,22 @@ def fd_shares(total: int, per_process: int = FDS_PER_HOLDER) -> list[int]:
     return [base + 1 if i < extra else base for i in range(processes)]
 
 
-class DefinedDomains:
+class _Load:
+    """A load that removes what it made on exit (``_remove``), as on a failed entry."""
+
+    def _remove(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+
+class DefinedDomains(_Load):
     """``count`` shut-off persistent domains with four file disks each."""
 
     def __init__(self, conn: Any, count: int, directory: Path) -> None:
@@ -118,14 +133,6 @@ class DefinedDomains:
             raise
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self._remove()
-
     def _remove(self) -> None:
         from tests.integration.support import remove_domain  # noqa: PLC0415
 
@@ -137,7 +144,7 @@ class DefinedDomains:
             self._workdir = None
 
 
-class FdHolders:
+class FdHolders(_Load):
     """Helper processes that hold ``total`` open descriptors in all.
 
     Each descriptor is a distinct empty regular file (not /dev/null): a real
@@ -180,14 +187,6 @@ class FdHolders:
             self._remove()
             raise
         return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self._remove()
 
     def _remove(self) -> None:
         for process in self.processes:  # only the processes this object started

@@ -15,6 +15,7 @@ from hostagent.api.models import (
 )
 from hostagent.attachments.diagnostics import diagnose
 from hostagent.errors import AttachmentNotFound
+from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests
 from hostagent.libvirt_xml.disk import DiskSpec, disk_fragment
 from hostagent.state.store import AttachmentRecord, ConnectionRecord, Store
@@ -114,10 +115,13 @@ def virsh_commands(domain_name: str, alias: str, persistent: bool) -> list[str]:
 class ReadViews:
     """The answers of the read-only routes, from the store and libvirt."""
 
-    def __init__(self, *, store: Store, guests: Guests, boot_id: str) -> None:
+    def __init__(
+        self, *, store: Store, guests: Guests, boot_id: str, scan: DomainScan | None = None
+    ) -> None:
         self._store = store
         self._guests = guests
         self._boot_id = boot_id
+        self._scan = scan
 
     def attachment(self, attachment_id: str) -> Attachment:
         record = self._store.get_attachment(attachment_id)
@@ -157,4 +161,4 @@ class ReadViews:
         )
 
     def doctor(self) -> DoctorReport:
-        return diagnose(self._store, self._guests, boot_id=self._boot_id)
+        return diagnose(self._store, self._guests, boot_id=self._boot_id, scan=self._scan)

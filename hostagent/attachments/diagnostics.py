@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from hostagent.api.models import DoctorReport, Finding
 from hostagent.guests.disk_presence import presence_in_scan
-from hostagent.guests.domain_scan import DomainDisk, scan_domain_disks
+from hostagent.guests.domain_scan import DomainDisk, DomainScan
 from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import (
     DeviceNumbers,
@@ -198,10 +198,14 @@ def _host_use_findings(
             )
 
 
-def diagnose(store: Store, guests: Guests, *, boot_id: str) -> DoctorReport:
-    """Every disagreement between the records, libvirt's domains and the host."""
-    domains = {d.uuid: d for d in guests.list_domains()}
-    disks = scan_domain_disks(guests)
+def diagnose(
+    store: Store, guests: Guests, *, boot_id: str, scan: DomainScan | None = None
+) -> DoctorReport:
+    """Every disagreement between the records, libvirt's domains and the host;
+    ``scan`` is the daemon's (its persistent configs cached), else one for now."""
+    snapshot = (scan or DomainScan(guests)).snapshot()
+    domains = snapshot.by_uuid
+    disks = snapshot.disks
     records = store.list_attachments()
     connections = store.list_connections()
     findings: list[Finding] = []

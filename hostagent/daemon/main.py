@@ -362,7 +362,9 @@ def run(conf: cfg.ConfigOpts) -> int:
             reconciler,
             executor,
             build_openapi(),
-            views=ReadViews(store=store, guests=guests, boot_id=boot_id),
+            views=ReadViews(
+                store=store, guests=guests, boot_id=boot_id, scan=service.connections.scan
+            ),
             metrics=metrics,
             libvirt_connected=lambda: guests.connected,
             extender=VolumeExtender(

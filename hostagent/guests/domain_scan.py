@@ -150,8 +150,3 @@ def scan_domain_xml(guests: Guests, *, fetchers: Executor = _FETCHERS) -> list[D
 
     domains = guests.list_domains()
     return [view for views in fetchers.map(read, domains) for view in views]
-
-
-def scan_domain_disks(guests: Guests) -> list[DomainDisk]:
-    """Every disk of every domain, live and config, read from libvirt now."""
-    return DomainScan(guests).disks()
