@@ -35,10 +35,21 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def _run_order(item: pytest.Item) -> int:
+    """Unit tests first, the storage lab last: in a full run (scripts/test) the
+    lab's image may still be building, at low priority, while the unit tests run;
+    the lab's tests wait for it, the others never need it."""
+    path = str(item.fspath)
+    if "tests/unit/" in path:
+        return 0
+    return 2 if "tests/lab/" in path else 1
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(f"tests/{d}/" in str(item.fspath) for d in ("integration", "faults", "ceph")):
             item.add_marker(pytest.mark.integration)
+    items.sort(key=_run_order)  # stable: each group keeps its files' order
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,21 @@ takes minutes (the first one also builds the cached image):
 ``pytest tests/lab -m lab`` (any ``-m`` expression naming ``lab``), or
 ``HOSTAGENT_LAB=1`` in the environment, which ``scripts/test`` (so CI) sets.
 A bare ``pytest`` skips them with that hint.
+
+The tests share one VM (``lab_vm``): it boots at the first lab test and
+powers off at the end of the session, or after a job that failed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.lab.vm import LabVM
 
 LAB_DIR = Path(__file__).resolve().parent
 
@@ -55,3 +61,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
         elif unavailable:
             item.add_marker(pytest.mark.skip(reason=unavailable))
+
+
+# A mon and an OSD (about 40 and 50 MiB resident, the OSD's 64 MiB bluestore
+# cache), libvirtd, two TCG guests and hostagentd: the krbd scenario's needs.
+LAB_MEMORY_MB = 3072
+
+
+@pytest.fixture(scope="session")
+def lab_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabVM]:
+    """The lab VM every lab test runs its scenario in (booted once, see vm.py)."""
+    with LabVM(tmp_path_factory.mktemp("lab") / "share", memory_mb=LAB_MEMORY_MB) as vm:
+        yield vm

@@ -4,15 +4,13 @@
 # share for every run, so changing it never rebuilds the image.
 #
 # Brings up what a compute host has (udev, dbus, iscsid, virtlogd, libvirtd,
-# the LIO modules), runs /lab/share/run.sh with bash, leaves its stdout,
-# stderr and exit status in /lab/share/out, and powers off.
+# the LIO modules), then runs the host's jobs one after another (each a bash
+# script under /lab/share/jobs, see below), and powers off when told.
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
 share=/lab/share
-out=$share/out
-# shellcheck source=/dev/null
-. "$share/lab.env" # LAB_TIMEOUT: the host's time budget for the whole run, seconds
+out=$share/out # the VM's own files: setup-error, boot-seconds, libvirt-caps, dmesg.txt
 
 say() { echo "lab: [$(cut -d' ' -f1 /proc/uptime)] $*" >/dev/console; }
 power_off() {
@@ -86,27 +84,87 @@ for tool in hostagentd:hostagent.daemon hostagentctl:hostagent.cli; do
   chmod 755 "/usr/local/bin/${tool%%:*}"
 done
 
-# -- the run's script, within what is left of the host's budget
-started=$(cut -d' ' -f1 /proc/uptime)
-echo "$started" >"$out/boot-seconds"
-budget=$(awk -v t="$LAB_TIMEOUT" -v s="$started" 'BEGIN { b = int(t - s - 20); print (b > 10 ? b : 10) }')
-say "setup done; running run.sh (at most ${budget}s)"
-: >/run/lab/stdout
-: >/run/lab/stderr
-tail -q -n +1 -F /run/lab/stdout /run/lab/stderr >/dev/console 2>/dev/null &
-tail_pid=$!
-(
-  cd /tmp &&
-    LAB_SHARE=$share LAB_OUT=$out LAB_SRC=$share/src \
-      exec timeout --kill-after=5 "$budget" bash "$share/run.sh" </dev/null >/run/lab/stdout 2>/run/lab/stderr
-)
-status=$?
-[ "$status" = 124 ] && say "run.sh timed out after ${budget}s"
-say "run.sh exited $status"
-sleep 0.5
-kill "$tail_pid" 2>/dev/null
-cp /run/lab/stdout /run/lab/stderr "$out/"
-mkdir -p "$out/libvirt-caps"
-cp /var/cache/libvirt/qemu/capabilities/*.xml "$out/libvirt-caps/" 2>/dev/null
+# -- the jobs: the host writes jobs/NN-NAME/run.sh and its timeout, then a
+# `ready` file; each runs in turn, leaves out/stdout, out/stderr and
+# out/status (written last), and the VM is tidied for the next one. A
+# `jobs/stop` file powers the VM off.
+jobs=$share/jobs
+echo "$(cut -d' ' -f1 /proc/uptime)" >"$out/boot-seconds"
+say "setup done; waiting for jobs"
+
+# What a scenario may leave behind that the next one must not meet: its
+# hostagentd, LIO targets, iSCSI sessions and records, a multipath map,
+# loop devices, krbd mappings, a Ceph cluster, files in /tmp, and guests
+# with a disk (guests without one stay: the next scenario's start_tcg_guests
+# reuses them instead of spending TCG time on new QEMUs).
+tidy() {
+  pkill -KILL -f 'hostagent\.daemon' || true
+  if pidof multipathd >/dev/null; then multipathd shutdown || true; fi
+  multipath -F >/dev/null 2>&1 || true
+  rm -f /etc/multipath.conf
+  iscsiadm -m node --logoutall=all >/dev/null 2>&1 || true
+  iscsiadm -m node -o delete >/dev/null 2>&1 || true
+  rm -rf /etc/iscsi/send_targets/* /etc/iscsi/nodes/*
+  for rbd in /sys/bus/rbd/devices/*; do
+    [ -e "$rbd" ] && echo "${rbd##*/} force" >/sys/bus/rbd/remove 2>/dev/null
+  done
+  pkill -KILL -x ceph-osd || true
+  pkill -KILL -x ceph-mon || true
+  if ls /sys/kernel/config/target/iscsi 2>/dev/null | grep -q '^iqn\.'; then
+    targetctl clear || true
+  fi
+  losetup -D
+  local name
+  for name in $(virsh list --name); do
+    virsh domblklist "$name" --details | grep -q ' disk ' && virsh destroy "$name" >/dev/null
+  done
+  find /tmp -mindepth 1 -delete
+  udevadm settle --timeout=30 || true
+}
+
+run_job() { # run_job DIR: the job's script, its output and status, then tidy
+  local job=$1 name=${1##*/} budget status
+  local job_out=$job/out
+  mkdir -p "$job_out"
+  budget=$(cat "$job/timeout")
+  echo "$(cut -d' ' -f1 /proc/uptime)" >"$job_out/started-at"
+  say "job $name: running run.sh (at most ${budget}s)"
+  : >/run/lab/stdout
+  : >/run/lab/stderr
+  tail -q -n +1 -F /run/lab/stdout /run/lab/stderr >/dev/console 2>/dev/null &
+  local tail_pid=$!
+  (
+    cd /tmp &&
+      LAB_SHARE=$share LAB_OUT=$job_out LAB_SRC=$share/src \
+        exec timeout --kill-after=5 "$budget" bash "$job/run.sh" </dev/null >/run/lab/stdout 2>/run/lab/stderr
+  )
+  status=$?
+  [ "$status" = 124 ] && say "job $name: run.sh timed out after ${budget}s"
+  say "job $name: run.sh exited $status"
+  sleep 0.5
+  kill "$tail_pid" 2>/dev/null
+  cp /run/lab/stdout /run/lab/stderr "$job_out/"
+  dmesg >"$job_out/dmesg.txt"
+  tidy >"$job_out/tidy.log" 2>&1
+  say "job $name: tidied"
+  echo "$status" >"$job_out/status.tmp" && mv "$job_out/status.tmp" "$job_out/status"
+}
+
+caps_kept=""
+while [ ! -e "$jobs/stop" ]; do
+  ran=""
+  for ready in "$jobs"/*/ready; do
+    [ -e "$ready" ] || continue
+    job=${ready%/ready}
+    [ -e "$job/out/status" ] && continue
+    run_job "$job"
+    ran=1
+    if [ -z "$caps_kept" ]; then
+      mkdir -p "$out/libvirt-caps"
+      cp /var/cache/libvirt/qemu/capabilities/*.xml "$out/libvirt-caps/" 2>/dev/null
+      caps_kept=1
+    fi
+  done
+  [ -n "$ran" ] || sleep 0.3
+done
 dmesg >"$out/dmesg.txt"
-echo "$status" >"$out/status.tmp" && mv "$out/status.tmp" "$out/status"

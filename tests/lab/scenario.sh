@@ -44,10 +44,13 @@ start_tcg_guests() { # start_tcg_guests N: demo-1..demo-N, firmware only, under 
   # qboot (QEMU's own minimal firmware) idles at once; SeaBIOS spends seconds
   # of emulated CPU probing for a boot device in every guest it starts.
   # All at once: a QEMU start under TCG is seconds of one vCPU, and there are two.
+  # A demo-N an earlier scenario left running (the VM's tidy keeps only guests
+  # without a disk) is used as it is.
   local n loader="" pids=() status=0
   [ -e /usr/share/qemu/qboot.rom ] &&
     loader="<loader readonly='yes' type='rom'>/usr/share/qemu/qboot.rom</loader>"
   for n in $(seq 1 "$1"); do
+    [ "$(virsh domstate "demo-$n" 2>/dev/null)" = running ] && continue
     sed "s/<domain type='kvm'>/<domain type='qemu'>/; s/demo-1/demo-$n/; s#hvm</type>#hvm</type>$loader#" \
       "$LAB_SRC/docs/example-guest.xml" >/tmp/guest$n.xml
     virsh create /tmp/guest$n.xml >/dev/null &

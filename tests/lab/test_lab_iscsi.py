@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.lab.lio import LioLun, lio_setup
-from tests.lab.vm import run_in_lab
+from tests.lab.vm import LabVM
 
 pytestmark = pytest.mark.lab
 
@@ -100,7 +99,7 @@ log "done"
 """
 
 
-def test_one_iscsi_session_shared_by_two_guests_and_chap(tmp_path: Path) -> None:
+def test_one_iscsi_session_shared_by_two_guests_and_chap(lab_vm: LabVM) -> None:
     started = time.monotonic()
     script = (
         SCENARIO.replace("__LIO__", LIO)
@@ -108,11 +107,8 @@ def test_one_iscsi_session_shared_by_two_guests_and_chap(tmp_path: Path) -> None
         .replace("__CHAP__", CHAP)
         .replace("__CHAP_PASSWORD__", CHAP_PASSWORD)
     )
-    result = run_in_lab(script, share=tmp_path / "share", timeout=1200)
-    print(
-        f"\nlab iSCSI scenario: boot {result.boot_seconds} s, VM run "
-        f"{result.wall_seconds:.1f} s, total {time.monotonic() - started:.1f} s"
-    )
+    result = lab_vm.run(script, name="iscsi", timeout=1200)
+    print(f"\nlab iSCSI scenario: {result.timing()}, total {time.monotonic() - started:.1f} s")
     result.check()
     out = result.out_dir
     assert (out / "sessions_after_two_attaches").read_text().strip() == "1"

@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.lab.lio import BACKING_DIR, LioLun, lio_setup
-from tests.lab.vm import run_in_lab
+from tests.lab.vm import LabVM
 
 pytestmark = pytest.mark.lab
 
@@ -144,6 +143,10 @@ record sessions_after_extend "$(sessions)"
 log "a repeat, through the other attachment"
 hostagentctl extend a2 --json >"$LAB_OUT/e2.json"
 record rescans_after_repeat "$(rescans)"
+
+log "both detach: the grown LUN's session goes with the last"
+for n in 1 2; do hostagentctl detach a$n --json >"$LAB_OUT/d$n.json"; done
+record sessions_after_detach "$(sessions)"
 stop_hostagentd
 log "done"
 """
@@ -158,7 +161,7 @@ def qemu_size(query_block: dict[str, Any], alias: str) -> int:
     raise AssertionError(f"QEMU has no block device {alias}: {query_block}")
 
 
-def test_extend_rescans_the_lun_once_and_resizes_both_guests(tmp_path: Path) -> None:
+def test_extend_rescans_the_lun_once_and_resizes_both_guests(lab_vm: LabVM) -> None:
     started = time.monotonic()
     script = (
         SCENARIO.replace("__LIO__", LIO)
@@ -168,7 +171,7 @@ def test_extend_rescans_the_lun_once_and_resizes_both_guests(tmp_path: Path) -> 
         .replace("__BEFORE__", str(BEFORE))
         .replace("__AFTER__", str(AFTER))
     )
-    result = run_in_lab(script, share=tmp_path / "share", timeout=1200)
+    result = lab_vm.run(script, name="iscsi-extend", timeout=1200)
     out = result.out_dir
 
     def seen(name: str) -> str:
@@ -178,8 +181,8 @@ def test_extend_rescans_the_lun_once_and_resizes_both_guests(tmp_path: Path) -> 
         return json.loads((out / name).read_text())
 
     print(
-        f"\nlab iSCSI extend scenario: boot {result.boot_seconds} s, VM run "
-        f"{result.wall_seconds:.1f} s, total {time.monotonic() - started:.1f} s"
+        f"\nlab iSCSI extend scenario: {result.timing()}, "
+        f"total {time.monotonic() - started:.1f} s"
         + (f"; lsscsi: {seen('lsscsi')}" if (out / "lsscsi").exists() else "")
     )
     result.check()
@@ -223,3 +226,6 @@ def test_extend_rescans_the_lun_once_and_resizes_both_guests(tmp_path: Path) -> 
         ("demo-2", AFTER, False),
     ]
     assert int(seen("rescans_after_repeat")) - rescans_after == 1
+    d1, d2 = as_json("d1.json"), as_json("d2.json")
+    assert (d1["terminate_connection"], d2["terminate_connection"]) == (False, True)
+    assert seen("sessions_after_detach") == "0"

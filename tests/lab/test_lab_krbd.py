@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.lab.vm import run_in_lab
+from tests.lab.vm import LabVM
 
 pytestmark = pytest.mark.lab
 
@@ -211,20 +211,17 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def krbd_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+def krbd_run(lab_vm: LabVM) -> Run:
     """One VM run for the whole module: the scenario, then the probes."""
-    share = tmp_path_factory.mktemp("krbd") / "share"
     started = time.monotonic()
     script = SCENARIO.replace("__POOL__", POOL).replace("__IMAGE__", IMAGE)
-    # 3 GiB: a mon and an OSD (about 40 and 50 MiB resident), libvirtd, two
-    # TCG guests and hostagentd; the OSD's 64 MiB bluestore cache.
-    result = run_in_lab(script, share=share, timeout=1800, memory_mb=3072)
+    result = lab_vm.run(script, name="krbd", timeout=1800)
     out = result.out_dir
     cluster_json = out / "cluster.json"
     cluster = json.loads(cluster_json.read_text()) if cluster_json.exists() else {}
     print(
-        f"\nlab krbd scenario: boot {result.boot_seconds} s, VM run "
-        f"{result.wall_seconds:.1f} s, total {time.monotonic() - started:.1f} s; "
+        f"\nlab krbd scenario: {result.timing()}, "
+        f"total {time.monotonic() - started:.1f} s; "
         f"ceph cluster up in {cluster.get('start_seconds')} s, pool, image and "
         f"user ready in {cluster.get('ready_seconds')} s ({cluster.get('timings')})"
     )

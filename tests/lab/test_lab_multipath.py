@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.lab.lio import LioLun, lio_setup
-from tests.lab.vm import run_in_lab
+from tests.lab.vm import LabVM
 
 pytestmark = pytest.mark.lab
 
@@ -83,14 +82,11 @@ log "done"
 """
 
 
-def test_one_multipath_map_on_two_portals_shared_by_two_guests(tmp_path: Path) -> None:
+def test_one_multipath_map_on_two_portals_shared_by_two_guests(lab_vm: LabVM) -> None:
     started = time.monotonic()
     script = SCENARIO.replace("__LIO__", LIO).replace("__IQN__", IQN)
-    result = run_in_lab(script, share=tmp_path / "share", timeout=1200)
-    print(
-        f"\nlab multipath scenario: boot {result.boot_seconds} s, VM run "
-        f"{result.wall_seconds:.1f} s, total {time.monotonic() - started:.1f} s"
-    )
+    result = lab_vm.run(script, name="multipath", timeout=1200)
+    print(f"\nlab multipath scenario: {result.timing()}, total {time.monotonic() - started:.1f} s")
     result.check()
     out = result.out_dir
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.lab.lio import LioLun, lio_setup
-from tests.lab.vm import run_in_lab
+from tests.lab.vm import LabVM
 
 pytestmark = pytest.mark.lab
 
@@ -62,7 +61,6 @@ virsh domblklist demo-1 >/tmp/blk
 grep -qF "$LINK" /tmp/blk
 virsh detach-device demo-1 /tmp/disk.xml --live
 wait_for 30 sh -c "virsh domblklist demo-1 >/tmp/blk && ! grep -qF '$LINK' /tmp/blk"
-virsh destroy demo-1
 
 log "logout"
 iscsiadm -m node -T "$IQN" -p "$PORTAL" --logout
@@ -82,15 +80,15 @@ stop_hostagentd
 """
 
 
-def test_iscsi_login_logout_and_hostagentd_in_the_lab(tmp_path: Path) -> None:
+def test_iscsi_login_logout_and_hostagentd_in_the_lab(lab_vm: LabVM) -> None:
     started = time.monotonic()
     script = SMOKE.replace("__LIO__", LIO).replace("__IQN__", IQN)
-    result = run_in_lab(script, share=tmp_path / "share", timeout=900)
+    result = lab_vm.run(script, name="smoke", timeout=900)
     total = time.monotonic() - started
     image = "built in" if result.image.built else "cache hit,"
     print(
         f"\nlab timings: image {image} {result.image.seconds:.1f} s; "
-        f"boot + services {result.boot_seconds} s; VM run {result.wall_seconds:.1f} s; "
+        f"{result.timing()}; "
         f"total {total:.1f} s"
     )
     result.check()
