@@ -215,7 +215,8 @@ def cli_times(socket_path: Path, repeats: int) -> dict[str, list[float]]:
 
 def cli_parts(client: HostagentClient, repeats: int) -> dict[str, list[float]]:
     """What a CLI run is made of: the interpreter's start, the CLI's imports, and
-    the daemon's answers (in-process requests, the ones ``status`` sends)."""
+    the daemon's answers (in-process requests: ``status`` sends the health and
+    metrics ones, ``list`` the attachments one)."""
     times = wall_times(
         {
             "python -c pass": [sys.executable, "-c", "pass"],
@@ -223,12 +224,12 @@ def cli_parts(client: HostagentClient, repeats: int) -> dict[str, list[float]]:
         },
         repeats,
     )
-    for path in ("/v1/health", "/v1/attachments", "/v1/connections"):
-        client.request("GET", path)
+    for path in ("/v1/health", "/metrics", "/v1/attachments", "/v1/connections"):
+        client.text(path)
         times[f"GET {path}"] = []
         for _ in range(repeats):
             started = time.perf_counter()
-            client.request("GET", path)
+            client.text(path)
             times[f"GET {path}"].append(time.perf_counter() - started)
     return times
 

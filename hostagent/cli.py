@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -101,17 +102,44 @@ CONNECTION_COLUMNS = (
 )
 
 
+# The state gauges of GET /metrics: one sample per state, counted from the
+# store at every scrape (hostagent/observability/metrics.py).
+_STATE_SAMPLE = re.compile(
+    r'^(hostagent_attachments|hostagent_connections)\{state="[^"]*"\} ([0-9.eE+]+)$', re.M
+)
+
+
+def _state_counts(client: HostagentClient) -> tuple[int, int]:
+    """(attachments, host connections) in every state, from the metrics' state
+    gauges: one small answer whatever the number of attachments, where the two
+    lists grow with them."""
+    counts = {"hostagent_attachments": 0.0, "hostagent_connections": 0.0}
+    try:
+        samples = _STATE_SAMPLE.findall(client.text("/metrics"))
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        samples = []  # a daemon without GET /metrics
+    for family, value in samples:
+        counts[family] += float(value)
+    if {family for family, _ in samples} != set(counts):  # a daemon without the gauges
+        return (
+            len(_get(client, "/v1/attachments")["attachments"]),
+            len(_get(client, "/v1/connections")["connections"]),
+        )
+    return int(counts["hostagent_attachments"]), int(counts["hostagent_connections"])
+
+
 def cmd_status(client: HostagentClient, args: argparse.Namespace) -> int:
     health = _get(client, "/v1/health")
-    attachments = _get(client, "/v1/attachments")["attachments"]
-    connections = _get(client, "/v1/connections")["connections"]
-    summary = {"health": health, "attachments": len(attachments), "connections": len(connections)}
+    attachments, connections = _state_counts(client)
+    summary = {"health": health, "attachments": attachments, "connections": connections}
     _print(
         summary,
         args.json,
         f"hostagentd {health['version']}: {health['status']} (libvirt {health['libvirt']})\n"
         f"socket: {client.socket_path}\n"
-        f"attachments: {len(attachments)}   host connections: {len(connections)}",
+        f"attachments: {attachments}   host connections: {connections}",
     )
     return 0 if health["status"] == "ok" else 1
 

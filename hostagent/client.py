@@ -73,6 +73,23 @@ def connector_path(target: str | None = None) -> str:
     return f"/v1/connector?target={urllib.parse.quote(target)}" if target else "/v1/connector"
 
 
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _api_error(status: int, raw: bytes, data: Any) -> ApiError:
+    """The API's error body as an exception (or the raw text's start when it has none)."""
+    error = data.get("error", {}) if isinstance(data, dict) else {}
+    return ApiError(
+        status,
+        str(error.get("code", "http_error")),
+        str(error.get("message", raw[:200].decode(errors="replace"))),
+    )
+
+
 class HostagentClient:
     """One request per connection: simple, and safe to share between threads."""
 
@@ -82,6 +99,20 @@ class HostagentClient:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """Send one request; returns (status, decoded JSON) or raises ApiError."""
+        status, raw = self._exchange(method, path, body)
+        data = _json_or_none(raw)
+        if status >= 400:
+            raise _api_error(status, raw, data)
+        return status, data
+
+    def text(self, path: str) -> str:
+        """GET a path that answers text (``/metrics``); raises ApiError as ``request`` does."""
+        status, raw = self._exchange("GET", path, None)
+        if status >= 400:
+            raise _api_error(status, raw, _json_or_none(raw))
+        return raw.decode()
+
+    def _exchange(self, method: str, path: str, body: Any) -> tuple[int, bytes]:
         conn = _UnixHTTPConnection(self.socket_path, self.timeout)
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -100,18 +131,7 @@ class HostagentClient:
             raise ApiError(0, "unreachable", f"hostagentd at {self.socket_path}: {exc}") from exc
         finally:
             conn.close()
-        try:
-            data = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            data = None
-        if response.status >= 400:
-            error = data.get("error", {}) if isinstance(data, dict) else {}
-            raise ApiError(
-                response.status,
-                str(error.get("code", "http_error")),
-                str(error.get("message", raw[:200].decode(errors="replace"))),
-            )
-        return response.status, data
+        return response.status, raw
 
     def attach(
         self, attachment_id: str, request: AttachRequest | dict[str, Any]

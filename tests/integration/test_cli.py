@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,17 @@ def test_attach_list_connections_detach_through_the_cli(
     assert connections["connections"][0]["connection_key"] == f"local:{device}"
     assert f"local:{device}" in ctl("connections", socket=sock).stdout
 
+    logged = len(daemon.log())
     status = ctl("status", socket=sock)
     assert status.returncode == 0
     assert "ok (libvirt connected)" in status.stdout
-    assert json.loads(ctl("status", "--json", socket=sock).stdout)["attachments"] == 1
+    assert "attachments: 1   host connections: 1" in status.stdout
+    # status counts from the metrics' state gauges: its cost does not grow with
+    # the attachments (the lists it used to fetch do).
+    asked = re.findall(r"\b(GET \S+) -> 200", daemon.log()[logged:])
+    assert asked == ["GET /v1/health", "GET /metrics"], asked
+    summary = json.loads(ctl("status", "--json", socket=sock).stdout)
+    assert (summary["attachments"], summary["connections"]) == (1, 1)
 
     detached = ctl("detach", attachment_id, "--json", socket=sock)
     assert detached.returncode == 0, detached.stderr

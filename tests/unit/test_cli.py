@@ -78,6 +78,19 @@ REPLIES: dict[str, Any] = {
     "/v1/attachments/att-1/libvirt": LIBVIRT_VIEW,
     "/v1/doctor": {"ok": True, "findings": [], "attachments": 1, "connections": 1, "domains": 1},
     "/v1/connector": {"ip": "192.0.2.2", "host": "vm", "multipath": False},
+    # Prometheus text (a str reply is served as text/plain), trimmed to the state gauges.
+    "/metrics": (
+        "# HELP hostagent_attachments Attachments by state\n"
+        "# TYPE hostagent_attachments gauge\n"
+        'hostagent_attachments{state="attaching"} 0.0\n'
+        'hostagent_attachments{state="attached"} 5.0\n'
+        'hostagent_attachments{state="detaching"} 2.0\n'
+        "# HELP hostagent_connections Host connections by state\n"
+        "# TYPE hostagent_connections gauge\n"
+        'hostagent_connections{state="connected"} 3.0\n'
+        'hostagent_connections{state="disconnecting"} 1.0\n'
+        "hostagent_libvirt_up 1.0\n"
+    ),
 }
 
 
@@ -113,12 +126,19 @@ class RecordingDaemon:
 
     def _reply(self, request_line: str) -> bytes:
         method, path, _ = request_line.split(" ")
+        kind = "application/json"
         if method == "GET" and path in self.replies:
-            status, body = "200 OK", json.dumps(self.replies[path]).encode()
+            reply = self.replies[path]
+            status = "200 OK"
+            if isinstance(reply, str):
+                kind, body = "text/plain; version=0.0.4", reply.encode()
+            else:
+                body = json.dumps(reply).encode()
         else:
             status, body = "404 Not Found", b'{"error": {"code": "not_found", "message": "no"}}'
-        return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
             status.encode(),
+            kind.encode(),
             len(body),
             body,
         )
@@ -278,3 +298,26 @@ def test_sizes_take_binary_units() -> None:
     for bad in ("", "G", "-1", "0", "1.5G", "2X"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
+
+
+def test_status_counts_every_state_from_the_metrics_without_fetching_the_lists(
+    daemon: RecordingDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    printed = json.loads(run_ctl(daemon, capsys, "status", "--json"))
+    assert (printed["attachments"], printed["connections"]) == (7, 4)
+    assert daemon.request_lines == ["GET /v1/health HTTP/1.1", "GET /metrics HTTP/1.1"]
+
+
+@pytest.mark.parametrize("metrics", [None, "hostagent_libvirt_up 1.0\n"], ids=["404", "no gauges"])
+def test_status_counts_the_lists_of_a_daemon_without_the_state_gauges(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], metrics: str | None
+) -> None:
+    replies = {k: v for k, v in REPLIES.items() if k != "/metrics"}
+    if metrics is not None:
+        replies["/metrics"] = metrics
+    recording = RecordingDaemon(tmp_path / "old.sock", replies)
+    try:
+        printed = json.loads(run_ctl(recording, capsys, "status", "--json"))
+    finally:
+        recording.close()
+    assert (printed["attachments"], printed["connections"]) == (1, 1)
