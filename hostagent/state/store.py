@@ -28,6 +28,7 @@ from hostagent.errors import (
     VolumeNotMultiattach,
 )
 from hostagent.state.records import (
+    SELECT_ATTACHMENT,
     AttachmentRecord,
     AttachmentState,
     ConnectionRecord,
@@ -122,13 +123,13 @@ class Store:
     # reads
 
     def get_attachment(self, attachment_id: str) -> AttachmentRecord | None:
-        rows = self._read("SELECT * FROM attachments WHERE attachment_id = ?", (attachment_id,))
+        rows = self._read(f"{SELECT_ATTACHMENT} WHERE attachment_id = ?", (attachment_id,))
         return attachment_from_row(rows[0]) if rows else None
 
     def list_attachments(
         self, *, connection_key: str | None = None, domain_uuid: str | None = None
     ) -> list[AttachmentRecord]:
-        sql, params = "SELECT * FROM attachments WHERE 1=1", []
+        sql, params = f"{SELECT_ATTACHMENT} WHERE 1=1", []
         if connection_key is not None:
             sql += " AND connection_key = ?"
             params.append(connection_key)
@@ -220,7 +221,7 @@ class Store:
             others = [
                 attachment_from_row(r)
                 for r in db.execute(
-                    "SELECT * FROM attachments WHERE (volume_id = ? OR connection_key = ?)"
+                    f"{SELECT_ATTACHMENT} WHERE (volume_id = ? OR connection_key = ?)"
                     " AND attachment_id != ?",
                     (attachment.volume_id, attachment.connection_key, attachment.attachment_id),
                 )
