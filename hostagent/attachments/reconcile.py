@@ -32,6 +32,7 @@ from hostagent.observability import logctx
 from hostagent.state.store import (
     AttachmentRecord,
     AttachmentState,
+    AttachmentSummary,
     Store,
 )
 
@@ -89,7 +90,7 @@ class Reconciler:
         # costs nothing more; any other is looked at again, fresh, under its lock.
         snapshot = self._connections.scan.snapshot()
         acted = bool(actions)
-        records = self._store.list_attachments()
+        records = self._store.attachment_summaries()
         for record in records:
             if not _settled(record, snapshot):
                 found = self.attachment(record.attachment_id)
@@ -99,7 +100,7 @@ class Reconciler:
             actions += self.connection_pass.connection(connection.connection_key)
         if acted:  # what the pass did may have changed the disks and records it read
             snapshot = self._connections.scan.snapshot()
-            records = self._store.list_attachments()
+            records = self._store.attachment_summaries()
         ours = {(a.domain_uuid, a.alias) for a in records}
         actions += self.connection_pass.foreign_disks(snapshot.disks, ours)
         purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
@@ -266,7 +267,7 @@ class Reconciler:
         return actions
 
 
-def _settled(record: AttachmentRecord, snapshot: DomainSnapshot) -> bool:
+def _settled(record: AttachmentSummary, snapshot: DomainSnapshot) -> bool:
     """Whether the pass's read shows the attachment as it should be: attached,
     its domain there under the recorded name, holding its disk."""
     domain = snapshot.by_uuid.get(record.domain_uuid)

@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class AttachmentState(StrEnum):
@@ -69,6 +69,22 @@ class AttachmentRecord:
     disk_xml: str | None = None
 
 
+class AttachmentSummary(NamedTuple):
+    """What a reconcile pass needs of every attachment to tell whether it is
+    settled: a tuple, read without building a whole record for each."""
+
+    attachment_id: str
+    domain_uuid: str
+    domain_name: str
+    alias: str
+    state: AttachmentState
+
+
+SELECT_ATTACHMENT_SUMMARY = (
+    "SELECT " + ", ".join(AttachmentSummary._fields) + " FROM attachments"  # noqa: S608 (field names only)
+)
+
+
 @dataclass(frozen=True)
 class Tombstone:
     """A finished detach; ``result`` is the DELETE body, replayed on a retry."""
@@ -104,6 +120,18 @@ SELECT_ATTACHMENT = "SELECT " + ", ".join(ATTACHMENT_FIELDS) + " FROM attachment
 _STATE_INDEX = ATTACHMENT_FIELDS.index("state")
 _MULTIATTACH_INDEX = ATTACHMENT_FIELDS.index("multiattach")
 _ATTACHMENT_STATES = {state.value: state for state in AttachmentState}
+
+
+def attachment_summary_from_row(row: Sequence[Any]) -> AttachmentSummary:
+    """A summary from a row of ``SELECT_ATTACHMENT_SUMMARY``."""
+    attachment_id, domain_uuid, domain_name, alias, state = row
+    return AttachmentSummary(
+        attachment_id,
+        domain_uuid,
+        domain_name,
+        alias,
+        _ATTACHMENT_STATES.get(state) or AttachmentState(state),
+    )
 
 
 def attachment_from_row(row: Sequence[Any]) -> AttachmentRecord:

@@ -29,12 +29,15 @@ from hostagent.errors import (
 )
 from hostagent.state.records import (
     SELECT_ATTACHMENT,
+    SELECT_ATTACHMENT_SUMMARY,
     AttachmentRecord,
     AttachmentState,
+    AttachmentSummary,
     ConnectionRecord,
     ConnectionState,
     Tombstone,
     attachment_from_row,
+    attachment_summary_from_row,
     connection_from_row,
 )
 from hostagent.state.state_file import StoreError, Sync, open_state_file
@@ -43,6 +46,7 @@ from hostagent.state.state_file import StoreError, Sync, open_state_file
 __all__ = [
     "AttachmentRecord",
     "AttachmentState",
+    "AttachmentSummary",
     "ConnectionRecord",
     "ConnectionReleasing",
     "ConnectionState",
@@ -138,6 +142,11 @@ class Store:
             params.append(domain_uuid)
         rows = self._read(sql + " ORDER BY created_at, attachment_id", tuple(params))
         return [attachment_from_row(r) for r in rows]
+
+    def attachment_summaries(self) -> list[AttachmentSummary]:
+        """Every attachment's id, domain, alias and state, in ``list_attachments``' order."""
+        rows = self._read(f"{SELECT_ATTACHMENT_SUMMARY} ORDER BY created_at, attachment_id")
+        return [attachment_summary_from_row(r) for r in rows]
 
     def get_connection(self, connection_key: str) -> ConnectionRecord | None:
         rows = self._read("SELECT * FROM connections WHERE connection_key = ?", (connection_key,))

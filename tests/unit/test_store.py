@@ -238,3 +238,29 @@ def test_a_connection_being_released_refuses_new_intents(store: Store) -> None:
     assert store.get_attachment("a2") is None
     store.begin_attach(attachment("a2", domain="dom-2"), connection(), while_releasing=True)
     assert store.refcount("local:/dev/loop7") == 2
+
+
+def test_records_read_back_whole_and_summaries_agree_with_them(store: Store) -> None:
+    # rows are built by position: every field must come back as written
+    first = attachment("a1", target_dev="sda")
+    second = replace(
+        attachment(
+            "a2", domain="dom-2", volume="vol-2", key="local:/dev/loop8", multiattach=False
+        ),
+        disk_xml="<disk/>",
+    )
+    store.begin_attach(first, connection())
+    store.begin_attach(second, connection("local:/dev/loop8"))
+    store.set_attachment_state("a2", AttachmentState.ATTACHED)
+    now = 1_000_000.0  # the store stamps both times with its clock
+    listed = store.list_attachments()
+    assert listed == [
+        replace(first, created_at=now, updated_at=now),
+        replace(second, state=AttachmentState.ATTACHED, created_at=now, updated_at=now),
+    ]
+    assert store.get_attachment("a2") == listed[1]
+    assert [type(a.state) for a in listed] == [AttachmentState, AttachmentState]
+    assert [type(a.multiattach) for a in listed] == [bool, bool]
+    assert store.attachment_summaries() == [
+        (a.attachment_id, a.domain_uuid, a.domain_name, a.alias, a.state) for a in listed
+    ]
