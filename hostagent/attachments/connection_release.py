@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 from hostagent import connectors, failpoints
 from hostagent.api.models import DetachResult
-from hostagent.connectors import ConnectorError, HostDevice, SecretKeeperFailed, Target
+from hostagent.connectors import ConnectorError, SecretKeeperFailed, Target
 from hostagent.errors import DisconnectFailed, HostagentError, LibvirtUnavailable
 from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests
-from hostagent.host.device_users import device_users
+from hostagent.host.device_users import device_users, target_of
 from hostagent.locks import HostLocks
 from hostagent.observability.metrics import Metrics
 from hostagent.state.store import AttachmentRecord, ConnectionRecord, Store
@@ -69,7 +69,7 @@ class ConnectionReleases:
         its iSCSI target with other volumes (the nesting nova uses)."""
         if target is None:
             connection = self.store.get_connection(key)
-            target = self.target_of(connection)[0] if connection is not None else None
+            target = target_of(connection)[0] if connection is not None else None
         guard = (
             self.registry.get(target.driver_volume_type).guard(target)
             if target is not None
@@ -77,17 +77,6 @@ class ConnectionReleases:
         )
         with guard, self.locks.connection(key):
             yield
-
-    @staticmethod
-    def target_of(connection: ConnectionRecord) -> tuple[Target, HostDevice]:
-        target = Target(
-            driver_volume_type=connection.driver_volume_type,
-            connection_key=connection.connection_key,
-            properties=connection.connection_data,
-            disk_format=connection.disk_format,
-        )
-        device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
-        return target, device
 
     def release_after_reboot(self, record: AttachmentRecord) -> DetachResult:
         """Drop an attachment whose host connection the reboot already took down.
@@ -209,7 +198,7 @@ class ConnectionReleases:
     def _disconnect(self, connection: ConnectionRecord) -> None:
         """os-brick disconnect; the caller recorded the intent (``mark_disconnecting``)."""
         connector = self.registry.get(connection.driver_volume_type)
-        target, device = self.target_of(connection)
+        target, device = target_of(connection)
         LOG.info("disconnecting %s (no users left)", connection.connection_key)
         try:
             with self.metrics.phase("disconnect"):

@@ -35,6 +35,7 @@ from hostagent.errors import (
     LibvirtError,
 )
 from hostagent.guests.domains import Guests
+from hostagent.host.device_users import target_of
 from hostagent.locks import HostLocks
 from hostagent.state.store import AttachmentRecord, AttachmentState, ConnectionState, Store
 
@@ -121,7 +122,7 @@ class VolumeExtender:
         connection = self.store.get_connection(key)
         if connection is None or connection.state is not ConnectionState.CONNECTED:
             raise ExtendFailed(f"{key} is not connected; nothing was changed")
-        target, device = HostConnections.target_of(connection)
+        target, device = target_of(connection)
         try:
             size = self.registry.get(connection.driver_volume_type).extend(
                 target, device, new_size

@@ -31,6 +31,7 @@ from hostagent.connectors import (
 from hostagent.errors import ConnectFailed
 from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests
+from hostagent.host.device_users import target_of
 from hostagent.host.host_use import host_uses, identify
 from hostagent.locks import HostLocks
 from hostagent.observability.metrics import Metrics
@@ -251,7 +252,7 @@ class HostConnections(ConnectionReleases):
                 connector = self.registry.get(connection.driver_volume_type)
             except InvalidTarget:
                 continue  # a protocol no longer served: reconcile reports it
-            target, _ = self.target_of(connection)
+            target, _ = target_of(connection)
             current = connector.canonical(target)
             old, new = connection.connection_key, current.connection_key
             if new == old:
@@ -270,7 +271,7 @@ class HostConnections(ConnectionReleases):
         """Bring a connection that has users back to ``connected`` (reconcile).
         Caller holds the connection lock."""
         connector = self.registry.get(connection.driver_volume_type)
-        target, _ = self.target_of(connection)
+        target, _ = target_of(connection)
         self.store.set_connection_state(connection.connection_key, ConnectionState.CONNECTING)
         try:
             with self.metrics.phase("connect"):

@@ -90,9 +90,8 @@ class NetworkDiskMatcher:
 DiskMatcher = HostDeviceMatcher | NetworkDiskMatcher
 
 
-def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
-    """How to recognise a connection's disk in a domain's XML: by what its
-    connector says a guest's disk names, or None if it names nothing yet."""
+def target_of(connection: ConnectionRecord) -> tuple[Target, HostDevice]:
+    """The connector's view of a recorded connection: its target and host device."""
     target = Target(
         driver_volume_type=connection.driver_volume_type,
         connection_key=connection.connection_key,
@@ -100,7 +99,13 @@ def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
         disk_format=connection.disk_format,
     )
     device = HostDevice(path=connection.device_path, device_info=connection.device_info or {})
-    source = disk_source(target, device)
+    return target, device
+
+
+def matcher_for(connection: ConnectionRecord) -> DiskMatcher | None:
+    """How to recognise a connection's disk in a domain's XML: by what its
+    connector says a guest's disk names, or None if it names nothing yet."""
+    source = disk_source(*target_of(connection))
     if isinstance(source, BlockDiskSource):
         return HostDeviceMatcher(source.path)
     if isinstance(source, NetworkDiskSource):
