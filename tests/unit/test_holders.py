@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,12 +40,23 @@ class CountedSearches:
         monkeypatch.setattr(holders, "_block_devices_open", counted)
 
 
+def blocked_in_read(process: subprocess.Popen[str]) -> None:
+    """Wait until the holder sleeps in its read of stdin. Its answer comes a few
+    instructions before that read: a search made in between would see it still
+    running (so not idle), whatever the machine's load."""
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{process.pid}/syscall").read_text().startswith("0 0x0 "):
+        assert time.monotonic() < deadline, "the holder never blocked in read(0, ...)"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    blocked_in_read(process)
     yield process
     process.kill()
     process.wait()
@@ -54,6 +67,7 @@ def opens(process: subprocess.Popen[str], path: str) -> None:
     process.stdin.write(path + "\n")
     process.stdin.flush()
     assert process.stdout.readline().strip() == "ok"
+    blocked_in_read(process)
 
 
 def test_a_process_that_has_not_run_is_not_searched_again(
