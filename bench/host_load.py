@@ -8,7 +8,10 @@ cost grows with what the host carries besides the benchmarked guests:
 - ``DefinedDomains``: shut-off persistent domains (``defineXML`` only, never
   started), each with four ``type='file'`` disks on sparse files of its own:
   never the benchmarked device, so they add work to the scan, never a user;
-- ``FdHolders``: helper processes holding open file descriptors.
+- ``FdHolders``: helper processes holding open file descriptors: a few
+  idle ones with thousands each by default; ``per_process=100, busy=True``
+  is the shape of a host's running guests (a QEMU per guest, a hundred
+  descriptors or so, its threads waking all the time).
 
 Both are context managers that make their load on entry and remove exactly
 what they made on exit (the domains they defined, the processes they
@@ -17,7 +20,7 @@ started, by pid). Domain names follow the test guests' convention
 killed run. A holder also exits by itself when its parent goes away (its
 stdin closes).
 
-    python bench/host_load.py hold DIRECTORY COUNT   # one holder process, by FdHolders
+    python bench/host_load.py hold DIRECTORY COUNT [busy]   # one holder, by FdHolders
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +52,9 @@ DISK_SIZE = 1024 * 1024  # sparse: no block of it is ever written
 FDS_PER_HOLDER = 10_000
 DEFINE_THREADS = 8
 FD_MARGIN = 64  # the interpreter's own descriptors
+# A busy holder's thread wakes this often, as a running guest's vCPU and
+# timer threads do: the guard cannot take it for a process that did nothing.
+BUSY_WAKE_SECONDS = 0.01
 
 
 def defined_domain_name(number: int, pid: int | None = None) -> str:
@@ -155,8 +162,17 @@ class FdHolders(_Load):
     10,000 files there takes 0.06 s, on this host's ext4 2 s.
     """
 
-    def __init__(self, total: int, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        directory: Path | None = None,
+        *,
+        per_process: int = FDS_PER_HOLDER,
+        busy: bool = False,
+    ) -> None:
         self.total = total
+        self.per_process = per_process
+        self.busy = busy
         shm = Path("/dev/shm")  # noqa: S108  (only a parent for mkdtemp, 0700)
         self.directory = directory or (shm if shm.is_dir() else Path(tempfile.gettempdir()))
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -169,16 +185,18 @@ class FdHolders(_Load):
     def __enter__(self) -> FdHolders:
         self._workdir = Path(tempfile.mkdtemp(prefix="ha-bench-holders-", dir=self.directory))
         try:
-            for number, share in enumerate(fd_shares(self.total)):
+            shares = fd_shares(self.total, self.per_process)
+            for number, share in enumerate(shares):
                 folder = self._workdir / str(number)
+                busy = ["busy"] if self.busy else []
                 self.processes.append(
                     subprocess.Popen(
-                        [sys.executable, __file__, "hold", str(folder), str(share)],
+                        [sys.executable, __file__, "hold", str(folder), str(share), *busy],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                     )
                 )
-            for process, share in zip(self.processes, fd_shares(self.total), strict=True):
+            for process, share in zip(self.processes, shares, strict=True):
                 assert process.stdout is not None
                 line = process.stdout.readline().decode().strip()
                 if line != f"holding {share}":
@@ -207,8 +225,9 @@ class FdHolders(_Load):
             self._workdir = None
 
 
-def hold(folder: Path, count: int) -> int:
-    """The holder process: open ``count`` new files in ``folder``, say so, wait for EOF."""
+def hold(folder: Path, count: int, *, busy: bool = False) -> int:
+    """The holder process: open ``count`` new files in ``folder``, say so, wait
+    for EOF; ``busy``: a thread of it wakes every BUSY_WAKE_SECONDS meanwhile."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = count + FD_MARGIN
     if hard != resource.RLIM_INFINITY and wanted > hard:
@@ -220,16 +239,23 @@ def hold(folder: Path, count: int) -> int:
         os.open(folder / f"f{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         for i in range(count)
     ]
+    if busy:
+        threading.Thread(target=_wake_often, daemon=True).start()
     print(f"holding {len(held)}", flush=True)
     sys.stdin.buffer.read()  # until the parent closes the pipe or terminates us
     return 0
 
 
+def _wake_often() -> None:
+    while True:
+        time.sleep(BUSY_WAKE_SECONDS)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 4 or argv[1] != "hold":
+    if len(argv) not in (4, 5) or argv[1] != "hold" or argv[4:] not in ([], ["busy"]):
         print(__doc__, file=sys.stderr)
         return 2
-    return hold(Path(argv[2]), int(argv[3]))
+    return hold(Path(argv[2]), int(argv[3]), busy=argv[4:] == ["busy"])
 
 
 if __name__ == "__main__":

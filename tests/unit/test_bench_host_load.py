@@ -1,10 +1,12 @@
-"""bench/host_load.py's pure helpers: how descriptors are split over holder
-processes, and the domains it defines (named so a killed run's are removed)."""
+"""bench/host_load.py's helpers: how descriptors are split over holder
+processes, what a busy holder does, and the domains it defines (named so a
+killed run's are removed)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from lxml import etree
@@ -27,6 +29,36 @@ def test_descriptors_are_split_evenly_over_the_fewest_processes() -> None:
     assert host_load.fd_shares(25_001) == [8_334, 8_334, 8_333]
     assert host_load.fd_shares(200) == [200]
     assert host_load.fd_shares(0) == []
+
+
+def test_a_hosts_guests_shape_is_many_holders_of_a_hundred() -> None:
+    assert host_load.fd_shares(30_000, 100) == [100] * 300
+    assert host_load.fd_shares(250, 100) == [84, 83, 83]
+
+
+def _runtime_ns(pid: int) -> int:
+    """How long the threads of ``pid`` have run, in all (schedstat)."""
+    task = Path(f"/proc/{pid}/task")
+    return sum(int((task / tid / "schedstat").read_text().split()[0]) for tid in os.listdir(task))
+
+
+def test_a_busy_holder_keeps_running_and_an_idle_one_does_not(tmp_path: Path) -> None:
+    """What the guard sees of a running guest's QEMU: a process whose threads
+    run between two searches is searched again (host/holders.py)."""
+    with (
+        host_load.FdHolders(20, tmp_path, per_process=10, busy=True) as busy,
+        host_load.FdHolders(20, tmp_path, per_process=10) as idle,
+    ):
+        assert len(busy.pids) == len(idle.pids) == 2
+        started = [*busy.pids, *idle.pids]
+        for pid in started:
+            assert len(os.listdir(f"/proc/{pid}/fd")) >= 10
+        time.sleep(0.2)  # both settle after their start
+        before = {pid: _runtime_ns(pid) for pid in started}
+        time.sleep(0.2)
+        assert all(_runtime_ns(pid) > before[pid] for pid in busy.pids)
+        assert all(_runtime_ns(pid) == before[pid] for pid in idle.pids)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in started)
 
 
 def test_no_holder_needs_more_than_the_hard_limit_allows() -> None:
