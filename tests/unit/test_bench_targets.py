@@ -32,6 +32,8 @@ def options(**given: object) -> argparse.Namespace:
         "proxy_floor": False,
         "defined": 0,
         "holders": 0,
+        "fds_per_holder": 10_000,
+        "busy_holders": False,
     }
     return argparse.Namespace(**{**defaults, **given})
 
@@ -75,6 +77,17 @@ def test_each_target_is_its_ratio_within_the_run() -> None:
     assert round(found["G3"].measured, 2) == 1.39 and not found["G3"].met  # loaded / single
     assert round(found["G4"].measured, 2) == 0.80 and not found["G4"].met  # 8 / 10 per s
     assert round(found["G5"].measured, 2) == 2.25 and not found["G5"].met  # 9 / 4 ms CPU
+
+
+def test_g3_says_how_the_descriptors_were_held() -> None:
+    few = options(defined=200, holders=30_000)
+    many = options(defined=200, holders=30_000, fds_per_holder=100, busy_holders=True)
+    g3 = {
+        name: next(g for g in attach_detach.goals(results(), load) if g.number == "G3")
+        for name, load in (("few", few), ("many", many))
+    }
+    assert "at most 10000 a process, idle" in g3["few"].what
+    assert "at most 100 a process, busy" in g3["many"].what
 
 
 def test_a_target_on_its_bound_is_met_either_way() -> None:
