@@ -185,7 +185,8 @@ class ConnectionReleases:
         return body
 
     def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
-        users = device_users(self.scan, connection)
+        with self.metrics.phase("guard"):
+            users = device_users(self.scan, connection)
         if users:
             LOG.warning(
                 "attachment %s: %s is still used by %s; keeping the host connection",

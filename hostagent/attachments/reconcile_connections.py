@@ -155,7 +155,8 @@ class ConnectionPass:
 
     def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
         key = connection.connection_key
-        users = device_users(self._connections.scan, connection)
+        with self._connections.metrics.phase("guard"):
+            users = device_users(self._connections.scan, connection)
         if users:
             return [
                 ReconcileAction(

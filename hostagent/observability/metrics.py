@@ -17,7 +17,9 @@ from prometheus_client.registry import Collector
 
 from hostagent.state.store import AttachmentState, ConnectionState, Store
 
-PHASES = ("connect", "libvirt_attach", "removal_wait", "disconnect")
+# "guard": the look for users before a disconnect (every domain, every
+# holder, the grace for a brief one), at a last detach or in reconcile
+PHASES = ("connect", "libvirt_attach", "removal_wait", "guard", "disconnect")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 
 

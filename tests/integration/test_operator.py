@@ -191,7 +191,7 @@ def test_metrics_count_results_time_phases_and_report_states(
     client.detach(first)
     after = scrape(daemon)
     assert after['hostagent_operations_total{operation="detach",result="detached"}'] == 1
-    for phase in ("connect", "libvirt_attach", "removal_wait", "disconnect"):
+    for phase in ("connect", "libvirt_attach", "removal_wait", "guard", "disconnect"):
         assert after[f'hostagent_phase_seconds_count{{phase="{phase}"}}'] == 1, phase
         assert after[f'hostagent_phase_seconds_sum{{phase="{phase}"}}'] > 0, phase
     assert after['hostagent_attachments{state="attached"}'] == 0

@@ -90,8 +90,13 @@ def test_an_unused_connection_is_disconnected(core: Core) -> None:
     core.guests.drop_disk(guest, "ua-a1", "live")
     core.guests.drop_disk(guest, "ua-a1", "config")
     core.store.forget_attachment("a1")
+    registry = core.service.metrics.registry
+    guards = {"phase": "guard"}
+    assert registry.get_sample_value("hostagent_phase_seconds_count", guards) == 0
     assert actions(core) == [("disconnected", core.key)]
     assert core.store.get_connection(core.key) is None
+    # the look for users before that disconnect is timed for /metrics
+    assert registry.get_sample_value("hostagent_phase_seconds_count", guards) == 1
 
 
 def test_an_unused_connection_a_domain_names_is_kept(core: Core) -> None:
