@@ -120,6 +120,24 @@ SELECT_ATTACHMENT = "SELECT " + ", ".join(ATTACHMENT_FIELDS) + " FROM attachment
 _STATE_INDEX = ATTACHMENT_FIELDS.index("state")
 _MULTIATTACH_INDEX = ATTACHMENT_FIELDS.index("multiattach")
 _ATTACHMENT_STATES = {state.value: state for state in AttachmentState}
+INSERT_ATTACHMENT = (
+    f"INSERT INTO attachments ({', '.join(ATTACHMENT_FIELDS)})"  # noqa: S608 (field names only)
+    f" VALUES ({', '.join('?' for _ in ATTACHMENT_FIELDS)})"
+)
+
+
+def _attachment_state(value: str) -> AttachmentState:
+    """The state a row stores; an unknown one (a damaged file) raises ValueError,
+    as the enum does."""
+    return _ATTACHMENT_STATES.get(value) or AttachmentState(value)
+
+
+def attachment_row(attachment: AttachmentRecord, now: float) -> tuple[Any, ...]:
+    """The values of ``INSERT_ATTACHMENT`` for a new row, stamped ``now``."""
+    stamped = dataclasses.replace(attachment, created_at=now, updated_at=now)
+    values = [getattr(stamped, name) for name in ATTACHMENT_FIELDS]
+    values[_MULTIATTACH_INDEX] = int(stamped.multiattach)
+    return tuple(values)
 
 
 def attachment_summary_from_row(row: Sequence[Any]) -> AttachmentSummary:
@@ -130,15 +148,13 @@ def attachment_summary_from_row(row: Sequence[Any]) -> AttachmentSummary:
         domain_uuid,
         domain_name,
         alias,
-        _ATTACHMENT_STATES.get(state) or AttachmentState(state),
+        _attachment_state(state),
     )
 
 
 def attachment_from_row(row: Sequence[Any]) -> AttachmentRecord:
     """A record from a row of ``SELECT_ATTACHMENT`` (columns in field order)."""
     values = list(row)
-    state = values[_STATE_INDEX]
-    # an unknown state (a damaged file) raises ValueError, as the enum does
-    values[_STATE_INDEX] = _ATTACHMENT_STATES.get(state) or AttachmentState(state)
+    values[_STATE_INDEX] = _attachment_state(values[_STATE_INDEX])
     values[_MULTIATTACH_INDEX] = bool(values[_MULTIATTACH_INDEX])
     return AttachmentRecord(*values)

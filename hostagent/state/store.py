@@ -28,6 +28,7 @@ from hostagent.errors import (
     VolumeNotMultiattach,
 )
 from hostagent.state.records import (
+    INSERT_ATTACHMENT,
     SELECT_ATTACHMENT,
     SELECT_ATTACHMENT_SUMMARY,
     AttachmentRecord,
@@ -37,6 +38,7 @@ from hostagent.state.records import (
     ConnectionState,
     Tombstone,
     attachment_from_row,
+    attachment_row,
     attachment_summary_from_row,
     connection_from_row,
 )
@@ -280,31 +282,7 @@ class Store:
             return connection_from_row(row)
 
     def _insert_attachment(self, db: sqlite3.Connection, a: AttachmentRecord) -> None:
-        now = self._clock()
-        db.execute(
-            "INSERT INTO attachments (attachment_id, volume_id, domain_uuid, domain_name,"
-            " connection_key, state, multiattach, mode, bus, serial, alias, request_hash,"
-            " target_dev, disk_xml, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                a.attachment_id,
-                a.volume_id,
-                a.domain_uuid,
-                a.domain_name,
-                a.connection_key,
-                a.state,
-                int(a.multiattach),
-                a.mode,
-                a.bus,
-                a.serial,
-                a.alias,
-                a.request_hash,
-                a.target_dev,
-                a.disk_xml,
-                now,
-                now,
-            ),
-        )
+        db.execute(INSERT_ATTACHMENT, attachment_row(a, self._clock()))
 
     def set_connection_state(
         self,
