@@ -184,9 +184,14 @@ class ConnectionReleases:
         self.store.finish_detach(record, body, drop_connection=False)
         return body
 
-    def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
+    def users_of(self, connection: ConnectionRecord) -> list[str]:
+        """The guard before any disconnect: who still uses the connection's
+        device (``device_users``), timed as the ``guard`` phase."""
         with self.metrics.phase("guard"):
-            users = device_users(self.scan, connection)
+            return device_users(self.scan, connection)
+
+    def _still_referenced(self, record: AttachmentRecord, connection: ConnectionRecord) -> bool:
+        users = self.users_of(connection)
         if users:
             LOG.warning(
                 "attachment %s: %s is still used by %s; keeping the host connection",

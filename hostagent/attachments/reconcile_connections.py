@@ -14,7 +14,7 @@ from hostagent.errors import HostagentError
 from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domain_scan import DomainDisk
 from hostagent.guests.domains import Guests
-from hostagent.host.device_users import DeviceNumbers, device_users, matcher_for, references_in
+from hostagent.host.device_users import DeviceNumbers, matcher_for, references_in
 from hostagent.locks import HostLocks
 from hostagent.state.store import (
     AttachmentRecord,
@@ -155,8 +155,7 @@ class ConnectionPass:
 
     def _unused_connection(self, connection: ConnectionRecord) -> list[ReconcileAction]:
         key = connection.connection_key
-        with self._connections.metrics.phase("guard"):
-            users = device_users(self._connections.scan, connection)
+        users = self._connections.users_of(connection)
         if users:
             return [
                 ReconcileAction(
