@@ -252,7 +252,7 @@ def _wake_often() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (4, 5) or argv[1] != "hold" or argv[4:] not in ([], ["busy"]):
+    if len(argv) < 4 or argv[1] != "hold" or argv[4:] not in ([], ["busy"]):
         print(__doc__, file=sys.stderr)
         return 2
     return hold(Path(argv[2]), int(argv[3]), busy=argv[4:] == ["busy"])
