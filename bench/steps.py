@@ -135,7 +135,7 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     ("connections", "release", "drop the attachment; the guard and disconnect when last"),
     ("store", "release_if_shared", "the shared release (one transaction)"),
     ("connections", "_still_referenced", "the guard: every domain's disks and every holder"),
-    ("scan", "snapshot", "every domain listed; running ones' live XML; configs (cached)"),
+    ("scan", "snapshot", "the running listed, the persistent kept; live XMLs; configs"),
     ("device_users", "processes_holding", "the holders search: every process's descriptors"),
     ("connector", "disconnect", "os-brick disconnect_volume"),
     ("store", "finish_detach", "the last release's rows"),

@@ -89,7 +89,7 @@ class DomainScan:
     def snapshot(self) -> DomainSnapshot:
         """Every domain, and every disk with everything its XML says (alias,
         network source)."""
-        domains = self._guests.list_domains()
+        domains = self.configs.domains(self._guests.list_domains, self._guests.list_running)
         live = self._each(
             [d for d in domains if d.active],
             lambda d: [

@@ -311,6 +311,16 @@ class Guests:
         domains: list[DomainInfo] = self.session.call("list domains", run)
         return domains
 
+    def list_running(self) -> list[tuple[str, str]]:
+        """(UUID, name) of every running domain, in one round trip."""
+
+        def run(conn: Any) -> list[tuple[str, str]]:
+            running = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            return [(str(dom.UUIDString()), str(dom.name())) for dom in running]
+
+        found: list[tuple[str, str]] = self.session.call("list running domains", run)
+        return found
+
     def domain_xml(self, domain_uuid: str, *, inactive: bool = False) -> str:
         """Live XML (or the persistent config with ``inactive``)."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0

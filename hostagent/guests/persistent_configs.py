@@ -1,5 +1,6 @@
 """Every persistent domain's disks, read from libvirt once and kept until
-libvirt writes that domain's config again.
+libvirt writes that domain's config again; and which domains are persistent,
+listed once and kept until libvirt defines, undefines or renames one.
 
 libvirt sends no event for a config-only change (``virsh attach-disk
 --config`` on a running domain), so a cache of the persistent configs needs a
@@ -12,11 +13,21 @@ made before the use began; what a drain reports is read again from libvirt
 reconnect empties the cache; a domain whose file is not where expected (or
 names another UUID) is never cached, so a wrong directory costs reads, not
 safety.
+
+The same watch keeps the list of persistent domains: defining, undefining or
+renaming one (also a running domain turned persistent or transient, and an
+incoming migration made persistent) saves or removes its file in the same
+call. While no file changed since a full listing, every domain is that
+listing's persistent ones plus whatever runs now (one round trip instead of
+two, and no handle for each domain defined but shut off); any change, an
+overflow or a reconnect lists everything again. A listing is kept only if
+every persistent domain in it has its file in the directory.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -25,6 +36,7 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
+from hostagent.guests.domains import DomainInfo
 from hostagent.libvirt_xml.disk import DiskRef, parse_disk_refs
 
 LOG = logging.getLogger(__name__)
@@ -79,7 +91,14 @@ class PersistentConfigs:
         # is not kept.
         self._generation: dict[str, int] = {}
         self._epoch = 0
+        # (UUID, name) of every persistent domain as last listed; None when a
+        # change drained since says the list may be old. ``_changes`` counts
+        # the config changes drained, so a listing that began before one is
+        # not kept.
+        self._persistent: tuple[tuple[str, str], ...] | None = None
+        self._changes = 0
         self._uncacheable_told: set[str] = set()
+        self._unlisted_told = False
         self._inotify: INotify | None = None
         if config_dir is not None:
             self._watch(config_dir)
@@ -111,6 +130,7 @@ class PersistentConfigs:
         """Drop every entry (libvirt reconnected: it may have reloaded its configs)."""
         with self._lock:
             self._entries.clear()
+            self._persistent = None
             self._epoch += 1
 
     def close(self) -> None:
@@ -119,6 +139,38 @@ class PersistentConfigs:
                 self._inotify.close()
                 self._inotify = None
             self._entries.clear()
+            self._persistent = None
+
+    def domains(
+        self,
+        every: Callable[[], list[DomainInfo]],
+        running: Callable[[], list[tuple[str, str]]],
+    ) -> list[DomainInfo]:
+        """Every domain, sorted by name: ``every()`` (libvirt's full listing)
+        unless the directory says no domain was defined, undefined or renamed
+        since the last one; then that listing's persistent domains and
+        ``running()`` ((UUID, name) of each domain running now: one not among
+        the persistent is transient)."""
+        with self._lock:
+            self._drain()
+            kept, started = self._persistent, self._stamp()
+        if kept is not None:
+            active = dict(running())
+            with self._lock:
+                self._drain()
+                unchanged, started = self._stamp() == started, self._stamp()
+            if unchanged:
+                return _with_running(kept, active)
+        domains = every()
+        if self._inotify is not None and self._all_filed(domains):
+            with self._lock:
+                self._drain()
+                if self._stamp() == started and self._inotify is not None:
+                    self._persistent = tuple((d.uuid, d.name) for d in domains if d.persistent)
+        return domains
+
+    def _stamp(self) -> tuple[int, int]:
+        return self._epoch, self._changes
 
     def disks_of(self, uuid: str, name: str) -> tuple[DiskRef, ...]:
         """The disks of persistent domain ``uuid`` (named ``name``) as its config
@@ -165,6 +217,7 @@ class PersistentConfigs:
             if event.mask & flags.Q_OVERFLOW:
                 LOG.info("domain config changes overflowed inotify's queue: all read again")
                 self._entries.clear()
+                self._persistent = None
                 self._epoch += 1
             elif event.mask & _WATCH_GONE:
                 LOG.warning("the domain config directory went away: cache off")
@@ -173,6 +226,8 @@ class PersistentConfigs:
             elif event.name.endswith(".xml"):
                 name = event.name[: -len(".xml")]
                 self._generation[name] = self._generation.get(name, 0) + 1
+                self._changes += 1
+                self._persistent = None
                 for uuid in [u for u, e in self._entries.items() if e.name == name]:
                     del self._entries[uuid]
 
@@ -181,7 +236,28 @@ class PersistentConfigs:
             self._inotify.close()
             self._inotify = None
         self._entries.clear()
+        self._persistent = None
         self._epoch += 1
+
+    def _all_filed(self, domains: list[DomainInfo]) -> bool:
+        """Whether every persistent domain of a listing has ``<name>.xml`` in
+        the directory (else it is not the one libvirt saves them in, and its
+        changes would not say the listing is old). Said once when not."""
+        assert self._dir is not None
+        try:
+            files = set(os.listdir(self._dir))
+        except OSError:
+            files = set()
+        unfiled = [d.name for d in domains if d.persistent and f"{d.name}.xml" not in files]
+        if unfiled and not self._unlisted_told:
+            self._unlisted_told = True
+            LOG.warning(
+                "persistent domains %s have no config in %s: every domain is listed "
+                "from libvirt every time",
+                ", ".join(sorted(unfiled)[:5]),
+                self._dir,
+            )
+        return not unfiled
 
     def _file_names(self, name: str, uuid: str) -> bool:
         """Whether ``<dir>/<name>.xml`` is this domain's config: only then do its
@@ -204,3 +280,21 @@ class PersistentConfigs:
                 self._dir,
             )
         return False
+
+
+def _with_running(
+    persistent: tuple[tuple[str, str], ...], running: dict[str, str]
+) -> list[DomainInfo]:
+    """The persistent domains (running or not) and the transient ones, which
+    run by definition, as one listing sorted by name."""
+    named = dict(persistent)
+    domains = [
+        DomainInfo(uuid=uuid, name=name, active=uuid in running, persistent=True)
+        for uuid, name in persistent
+    ]
+    domains += [
+        DomainInfo(uuid=uuid, name=name, active=True, persistent=False)
+        for uuid, name in running.items()
+        if uuid not in named
+    ]
+    return sorted(domains, key=lambda domain: domain.name)

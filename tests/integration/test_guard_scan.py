@@ -146,3 +146,55 @@ def test_the_guard_asks_libvirt_the_same_few_times_whatever_the_number_of_shut_o
         f"domain {running.name} (live, disk scsi0-0-0-3)",  # libvirt's own alias
         f"domain {running.name} (config, disk sdd)",
     ]
+
+
+class CountedListings:
+    """Which of the daemon's two domain listings each guard asks libvirt for."""
+
+    def __init__(self, guests: HostGuests, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.asked: list[str] = []
+        for name in ("list_domains", "list_running"):
+            monkeypatch.setattr(guests, name, self._counted(name, getattr(guests, name)))
+
+    def _counted(self, name: str, method: Callable[[], Any]) -> Callable[[], Any]:
+        def counted() -> Any:
+            self.asked.append(name)
+            return method()
+
+        return counted
+
+
+def test_domains_defined_or_made_after_the_list_was_kept_are_seen(
+    host_guests: HostGuests,
+    reads: CountedConfigReads,
+    guests: Guests,
+    loops: LoopDevices,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The persistent domains are listed once and kept while libvirt's config
+    directory is quiet; a guard then asks only for the running ones. A domain
+    defined with the device (shut off: no live XML, no lifecycle event a guard
+    could wait for) and a transient one holding it are in the next guard."""
+    listings = CountedListings(host_guests, monkeypatch)
+    configs = PersistentConfigs(reads, SYSTEM_CONFIG_DIR)
+    scan = DomainScan(host_guests, configs)
+    try:
+        device = loops.make()
+        assert device_users(scan, local_connection(device)) == []
+        assert device_users(scan, local_connection(device)) == []
+        assert listings.asked == ["list_domains", "list_running"]
+        shut_off = guests.define(hand_made_disk(device, target_dev="sdc", unit=2))
+        assert device_users(scan, local_connection(device)) == [
+            f"domain {shut_off.name} (config, disk sdc)"
+        ]
+        assert listings.asked[-1] == "list_domains", "the definition's file said: list again"
+        transient = guests.make()
+        transient.attach_raw(hand_made_disk(device, target_dev="sdd", unit=3))
+        users = device_users(scan, local_connection(device))
+        assert listings.asked[-1] == "list_running", "no file changed: the kept list"
+        assert sorted(users) == [
+            f"domain {shut_off.name} (config, disk sdc)",
+            f"domain {transient.name} (live, disk scsi0-0-0-3)",
+        ]
+    finally:
+        configs.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hostagent.errors import DomainNotFound
+from hostagent.guests.domains import DomainInfo
 from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
 
 
@@ -45,15 +46,24 @@ def domain_xml(name: str, domain_uuid: str, *devices: str) -> str:
 
 
 class Libvirt:
-    """Saves configs as libvirt's qemu driver does: beside, then renamed over."""
+    """Saves configs as libvirt's qemu driver does: beside, then renamed over.
+    Also a recording fake of libvirt's two domain listings: ``every`` (all
+    domains) and ``running`` (the running ones), each call recorded."""
 
     def __init__(self, config_dir: Path, reads: RecordingConfigReads) -> None:
         self.dir = config_dir
         self.reads = reads
+        self.names: dict[str, str] = {}  # UUID -> name
+        self.transient: set[str] = set()
+        self.active: set[str] = set()
+        self.listings: list[str] = []
+        self.during_listing: Callable[[], None] | None = None
 
     def define(self, name: str, domain_uuid: str, *devices: str) -> None:
         xml = domain_xml(name, domain_uuid, *devices)
         self.reads.xml[domain_uuid] = xml
+        self.names[domain_uuid] = name
+        self.transient.discard(domain_uuid)
         staged = self.dir / f"{name}.xml.new"
         staged.write_text(xml)
         os.rename(staged, self.dir / f"{name}.xml")
@@ -61,6 +71,38 @@ class Libvirt:
     def undefine(self, name: str, domain_uuid: str) -> None:
         del self.reads.xml[domain_uuid]
         (self.dir / f"{name}.xml").unlink()
+        if domain_uuid in self.active:
+            self.transient.add(domain_uuid)  # running on, transient now
+        else:
+            del self.names[domain_uuid]
+
+    def create(self, name: str, domain_uuid: str) -> None:
+        """A transient domain: it runs, and has no file."""
+        self.names[domain_uuid] = name
+        self.transient.add(domain_uuid)
+        self.active.add(domain_uuid)
+
+    def every(self) -> list[DomainInfo]:
+        self._listed("every")
+        return sorted(
+            (
+                DomainInfo(
+                    uuid=u, name=n, active=u in self.active, persistent=u not in self.transient
+                )
+                for u, n in self.names.items()
+            ),
+            key=lambda d: d.name,
+        )
+
+    def running(self) -> list[tuple[str, str]]:
+        self._listed("running")
+        return [(u, n) for u, n in self.names.items() if u in self.active]
+
+    def _listed(self, which: str) -> None:
+        self.listings.append(which)
+        if self.during_listing is not None:
+            meanwhile, self.during_listing = self.during_listing, None
+            meanwhile()
 
 
 @pytest.fixture
@@ -189,6 +231,102 @@ def test_forget_all_reads_everything_again(
     configs.forget_all()  # libvirt reconnected
     sources(configs, "g1", u)
     assert reads.reads == [u, u]
+
+
+def listed(configs: PersistentConfigs, libvirt: Libvirt) -> list[tuple[str, bool, bool]]:
+    """(name, running, persistent) of every domain, as the cache lists them."""
+    return [
+        (d.name, d.active, d.persistent) for d in configs.domains(libvirt.every, libvirt.running)
+    ]
+
+
+def test_the_persistent_domains_are_listed_once_while_the_directory_is_unchanged(
+    configs: PersistentConfigs, libvirt: Libvirt
+) -> None:
+    """Shut-off domains cost nothing after the first listing: only what runs
+    now is asked for (a domain started, stopped or created transient makes
+    no file change, and is seen by that ask)."""
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    libvirt.define("g1", first)
+    libvirt.define("g2", second)
+    assert listed(configs, libvirt) == [("g1", False, True), ("g2", False, True)]
+    libvirt.active.add(second)  # started
+    libvirt.create("t1", str(uuid.uuid4()))
+    assert listed(configs, libvirt) == [
+        ("g1", False, True),
+        ("g2", True, True),
+        ("t1", True, False),
+    ]
+    assert libvirt.listings == ["every", "running"]
+
+
+def test_a_domain_defined_undefined_or_renamed_is_listed_again(
+    configs: PersistentConfigs, libvirt: Libvirt
+) -> None:
+    kept, running = str(uuid.uuid4()), str(uuid.uuid4())
+    libvirt.define("g1", kept)
+    libvirt.define("g2", running)
+    libvirt.active.add(running)
+    listed(configs, libvirt)
+    newcomer = str(uuid.uuid4())
+    libvirt.define("g3", newcomer)
+    assert ("g3", False, True) in listed(configs, libvirt)
+    libvirt.undefine("g2", running)  # running on as a transient domain
+    assert ("g2", True, False) in listed(configs, libvirt)
+    libvirt.undefine("g1", kept)
+    libvirt.define("g1-renamed", kept)
+    assert [d[0] for d in listed(configs, libvirt)] == ["g1-renamed", "g2", "g3"]
+    assert libvirt.listings == ["every", "every", "every", "every"]
+    listed(configs, libvirt)
+    assert libvirt.listings[-1] == "running", "kept again once the directory is quiet"
+
+
+def test_a_domain_defined_during_a_listing_is_listed_by_the_next(
+    configs: PersistentConfigs, libvirt: Libvirt
+) -> None:
+    """A definition that lands while the full listing is under way (libvirt may
+    have answered before it) keeps that listing out of the cache; one that
+    lands while the running ones are asked for sends the ask to a full one."""
+    libvirt.define("g1", str(uuid.uuid4()))
+    libvirt.during_listing = lambda: libvirt.define("g2", str(uuid.uuid4()))
+    listed(configs, libvirt)
+    assert [d[0] for d in listed(configs, libvirt)] == ["g1", "g2"]
+    assert libvirt.listings == ["every", "every"]
+    libvirt.during_listing = lambda: libvirt.define("g3", str(uuid.uuid4()))
+    names = [d[0] for d in listed(configs, libvirt)]
+    assert libvirt.listings[2:] == ["running", "every"]
+    assert names == ["g1", "g2", "g3"]
+
+
+def test_a_listing_with_a_domain_whose_file_is_not_there_is_never_kept(
+    configs: PersistentConfigs, libvirt: Libvirt
+) -> None:
+    """A persistent domain without ``<name>.xml`` in the directory: the
+    directory is not where libvirt saves, so its quiet says nothing."""
+    libvirt.define("g1", str(uuid.uuid4()))
+    elsewhere = str(uuid.uuid4())
+    libvirt.names[elsewhere] = "elsewhere"
+    for _ in range(2):
+        assert [d[0] for d in listed(configs, libvirt)] == ["elsewhere", "g1"]
+    assert libvirt.listings == ["every", "every"]
+
+
+def test_forget_all_lists_everything_again(configs: PersistentConfigs, libvirt: Libvirt) -> None:
+    libvirt.define("g1", str(uuid.uuid4()))
+    listed(configs, libvirt)
+    configs.forget_all()  # libvirt reconnected
+    listed(configs, libvirt)
+    assert libvirt.listings == ["every", "every"]
+
+
+def test_without_a_directory_every_listing_is_libvirts(
+    libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    libvirt.define("g1", str(uuid.uuid4()))
+    uncached = PersistentConfigs(reads, None)
+    listed(uncached, libvirt)
+    listed(uncached, libvirt)
+    assert libvirt.listings == ["every", "every"]
 
 
 def test_the_directory_is_the_system_instances_only_for_its_uri() -> None:
