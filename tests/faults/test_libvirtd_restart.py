@@ -27,14 +27,20 @@ from tests.integration.support import (
 SETUP_HOST = Path(__file__).parents[2] / "scripts" / "setup-host"
 
 
+def libvirtd_running() -> bool:
+    """Whether a libvirtd runs: one that exited but is not reaped yet (a
+    zombie; where PID 1 is not an init that can take tens of seconds) does not."""
+    states = subprocess.run(
+        ["ps", "-C", "libvirtd", "-o", "stat="], check=False, capture_output=True, text=True
+    ).stdout.split()
+    return any(not state.startswith("Z") for state in states)
+
+
 def stop_libvirtd() -> None:
     """Kill libvirtd outright: a crash, not a shutdown that waits for its jobs."""
     subprocess.run(["pkill", "-KILL", "-x", "libvirtd"], check=False)
     deadline = time.monotonic() + 30
-    while (
-        subprocess.run(["pgrep", "-x", "libvirtd"], check=False, capture_output=True).returncode
-        == 0
-    ):
+    while libvirtd_running():
         assert time.monotonic() < deadline, "libvirtd did not stop"
         time.sleep(0.1)
 
@@ -66,13 +72,7 @@ class LibvirtdKeeper:
         while not self._stop.wait(0.5):
             if self.paused.is_set():
                 continue
-            alive = (
-                subprocess.run(
-                    ["pgrep", "-x", "libvirtd"], check=False, capture_output=True
-                ).returncode
-                == 0
-            )
-            if not alive:
+            if not libvirtd_running():
                 self.restarts += 1
                 print(f"libvirtd died on its own; restart {self.restarts}")
                 subprocess.run([str(SETUP_HOST)], check=False, capture_output=True)
