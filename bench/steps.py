@@ -42,7 +42,6 @@ from hostagent.attachments.service import AttachmentService, ServiceSettings
 from hostagent.daemon.main import build_core, prepare_os_brick
 from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests as LibvirtGuests
-from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
 from hostagent.host import device_users
 from hostagent.locks import HostLocks, state_dir_guard
 from hostagent.observability.metrics import Metrics
@@ -187,9 +186,6 @@ def run(args: argparse.Namespace, work: Path, made: Guests, loops: LoopDevices) 
             connectors.ConnectorSettings(local_allowed_devices=(shared_device, last_device)),
             secrets=guests,
         )
-        configs = PersistentConfigs(
-            lambda uuid: guests.domain_xml(uuid, inactive=True), config_dir_for(URI, "")
-        )
         service, _ = build_core(
             store=store,
             guests=guests,
@@ -198,7 +194,7 @@ def run(args: argparse.Namespace, work: Path, made: Guests, loops: LoopDevices) 
             settings=ServiceSettings(),
             metrics=Metrics(),
             tombstone_ttl=3600,
-            scan=DomainScan(guests, configs),
+            scan=DomainScan.watching(guests, URI, config_dir="", status_dir=""),
         )
         guests.start()
         try:

@@ -127,6 +127,14 @@ LIBVIRT_OPTS: list[cfg.Opt] = [
         "when libvirt_uri is the local system instance, else no caching; 'none': "
         "read every config from libvirt each time.",
     ),
+    cfg.StrOpt(
+        "domain_status_dir",
+        default="",
+        help="Where libvirtd keeps running domains' status (<name>.xml), watched so "
+        "their live XML is read from libvirt only after a change. Empty: "
+        "/run/libvirt/qemu when libvirt_uri is the local system instance, else no "
+        "caching; 'none': read every live XML from libvirt each time.",
+    ),
 ]
 
 RECONCILE_OPTS: list[cfg.Opt] = [

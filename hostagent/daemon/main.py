@@ -42,7 +42,6 @@ from hostagent.daemon.systemd import inherited_socket, notify, watchdog_interval
 from hostagent.errors import HostagentError
 from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests
-from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
 from hostagent.locks import HostLocks, StateDirBusy, state_dir_guard
 from hostagent.observability.logctx import install_filters
 from hostagent.observability.metrics import Metrics
@@ -326,13 +325,12 @@ def run(conf: cfg.ConfigOpts) -> int:
             secrets=guests,
         )
         metrics = Metrics()
-        configs = PersistentConfigs(
-            lambda uuid: guests.domain_xml(uuid, inactive=True),
-            config_dir_for(conf.libvirt_uri, conf.libvirt.domain_config_dir),
+        scan = DomainScan.watching(
+            guests,
+            conf.libvirt_uri,
+            config_dir=conf.libvirt.domain_config_dir,
+            status_dir=conf.libvirt.domain_status_dir,
         )
-        # Before the reconcile that a (re)connect starts: libvirtd may have
-        # reloaded its configs while we were away.
-        guests.on_connected(configs.forget_all)
         service, reconciler = build_core(
             store=store,
             guests=guests,
@@ -347,7 +345,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             ),
             metrics=metrics,
             tombstone_ttl=conf.reconcile.tombstone_ttl,
-            scan=DomainScan(guests, configs),
+            scan=scan,
         )
         metrics.watch(store, lambda: guests.connected)
         service.connections.move_to_current_keys()
@@ -401,7 +399,7 @@ def run(conf: cfg.ConfigOpts) -> int:
             arrivals.stop()
             executor.shutdown(wait=True)
             guests.stop()
-            configs.close()
+            scan.close()
             store.close()
             if inherited is None:  # a socket systemd passed is systemd's to remove
                 with contextlib.suppress(FileNotFoundError):

@@ -1,12 +1,14 @@
 """Reads of every domain's disks, live and persistent, for what must see every
 disk on the host (``host.device_users``, reconcile, rebuild, doctor).
 
-Persistent configs come from ``PersistentConfigs`` (read from libvirt once,
-again only after libvirt wrote them); each running domain's live XML is read
-every time, several at once. (libvirt's ``getAllDomainStats`` block call is
-one round trip, but it asks every running QEMU for its block statistics:
-20-25 ms for 8 guests here, against 5.6 ms for their 8 live XMLs read one
-after the other.)
+The domains come from ``PersistentConfigs.domains`` (the running ones asked
+each time, the persistent ones listed again only after a definition);
+persistent configs from ``PersistentConfigs`` and running domains' live XML
+from ``LiveDisks``: each read from libvirt once, again only after libvirt
+saved its file, several at once. (libvirt's ``getAllDomainStats`` block
+call is one round trip, but it asks every running QEMU for its block
+statistics: 20-25 ms for 8 guests here, against 5.6 ms for their 8 live
+XMLs read one after the other.)
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Literal
 
 from hostagent.errors import DomainNotFound
 from hostagent.guests.domains import DomainInfo, Guests
-from hostagent.guests.persistent_configs import PersistentConfigs
-from hostagent.libvirt_xml.disk import DiskRef, parse_disk_refs
+from hostagent.guests.live_disks import LiveDisks, status_dir_for
+from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
+from hostagent.guests.watched_disks import WatchedDisks
+from hostagent.libvirt_xml.disk import DiskRef
 
 
 @dataclass(frozen=True)
@@ -76,46 +80,70 @@ class DomainScan:
         self,
         guests: Guests,
         configs: PersistentConfigs | None = None,
+        live: LiveDisks | None = None,
         *,
         fetchers: Executor = _FETCHERS,
     ) -> None:
         self._guests = guests
-        # Without a cache, every config is read from libvirt each time.
+        # Without a cache, every config and live XML is read from libvirt each time.
         self.configs = configs or PersistentConfigs(
             lambda uuid: guests.domain_xml(uuid, inactive=True), None
         )
+        self.live = live or LiveDisks(guests.domain_xml, None)
         self._fetchers = fetchers
 
-    def snapshot(self) -> DomainSnapshot:
-        """Every domain, and every disk with everything its XML says (alias,
-        network source)."""
-        domains = self.configs.domains(self._guests.list_domains, self._guests.list_running)
-        live = self._each(
-            [d for d in domains if d.active],
-            lambda d: [
-                DomainDisk(d, "live", disk)
-                for disk in parse_disk_refs(self._guests.domain_xml(d.uuid)).disks
-            ],
+    @classmethod
+    def watching(cls, guests: Guests, uri: str, *, config_dir: str, status_dir: str) -> DomainScan:
+        """The daemon's scan: configs and live XML kept while libvirt's directories
+        for ``uri`` say unchanged (``config_dir``, ``status_dir``: the configured
+        ones, see ``watched_dir``), both forgotten whenever libvirt (re)connects
+        (libvirtd may have reloaded its files meanwhile; registered before the
+        reconcile a connect starts)."""
+        configs = PersistentConfigs(
+            lambda uuid: guests.domain_xml(uuid, inactive=True), config_dir_for(uri, config_dir)
         )
-        return DomainSnapshot(domains, live + self._configs(domains))
+        live = LiveDisks(guests.domain_xml, status_dir_for(uri, status_dir))
+        guests.on_connected(configs.forget_all)
+        guests.on_connected(live.forget_all)
+        return cls(guests, configs, live)
 
-    def disks(self) -> list[DomainDisk]:
-        """Every disk of ``snapshot``."""
-        return self.snapshot().disks
+    def close(self) -> None:
+        """End both caches' watches."""
+        self.configs.close()
+        self.live.close()
 
-    def _configs(self, domains: list[DomainInfo]) -> list[DomainDisk]:
+    def snapshot(self, *, fresh_live: bool = False) -> DomainSnapshot:
+        """Every domain, and every disk with everything its XML says (alias,
+        network source); ``fresh_live``: every live XML read now, none taken from the cache."""
+        domains = self.configs.domains(self._guests.list_domains, self._guests.list_running)
+        running = [d for d in domains if d.active]
         persistent = [d for d in domains if d.persistent]
-        known = self.configs.known((d.uuid, d.name) for d in persistent)
+        live = self._disks(running, self.live, "live", fresh=fresh_live)
+        return DomainSnapshot(domains, live + self._disks(persistent, self.configs, "config"))
+
+    def disks(self, *, fresh_live: bool = False) -> list[DomainDisk]:
+        """Every disk of ``snapshot``."""
+        return self.snapshot(fresh_live=fresh_live).disks
+
+    def _disks(
+        self,
+        domains: list[DomainInfo],
+        kept: WatchedDisks,
+        where: Literal["live", "config"],
+        *,
+        fresh: bool = False,
+    ) -> list[DomainDisk]:
+        known = {} if fresh else kept.known((d.uuid, d.name) for d in domains)
         cached = [
-            DomainDisk(d, "config", disk)
-            for d in persistent
+            DomainDisk(d, where, disk)
+            for d in domains
             if d.uuid in known
             for disk in known[d.uuid]
         ]
         return cached + self._each(
-            [d for d in persistent if d.uuid not in known],
+            [d for d in domains if d.uuid not in known],
             lambda d: [
-                DomainDisk(d, "config", disk) for disk in self.configs.disks_of(d.uuid, d.name)
+                DomainDisk(d, where, disk) for disk in kept.disks_of(d.uuid, d.name, fresh=fresh)
             ],
         )
 

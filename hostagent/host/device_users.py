@@ -133,8 +133,14 @@ def references_in(
 
 
 def find_references(scan: DomainScan, matcher: DiskMatcher) -> list[DeviceReference]:
-    """Every disk, in any domain's live XML or persistent config, ``matcher`` recognises."""
-    return references_in(scan.disks(), matcher)
+    """Every disk, in any domain's live XML or persistent config, ``matcher``
+    recognises. A live disk found in a kept live XML is looked for again in
+    live XMLs read now: a kept one can show, for a moment, a disk libvirt
+    removed on its own after an unplug (``guests.live_disks``)."""
+    refs = references_in(scan.disks(), matcher)
+    if scan.live.caching and any(ref.where == "live" for ref in refs):
+        refs = references_in(scan.disks(fresh_live=True), matcher)
+    return refs
 
 
 # A process found holding a device no domain names is looked at again for this

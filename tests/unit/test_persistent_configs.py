@@ -1,4 +1,5 @@
-"""guests/persistent_configs.py: a persistent config is read from libvirt
+"""guests/persistent_configs.py (and watched_disks.py, which it and live_disks.py
+build on): a persistent config is read from libvirt
 again after, and only after, libvirt wrote it (a real inotify watch on a
 directory written the way libvirt saves configs)."""
 
@@ -13,6 +14,7 @@ import pytest
 
 from hostagent.errors import DomainNotFound
 from hostagent.guests.domains import DomainInfo
+from hostagent.guests.live_disks import status_dir_for
 from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
 
 
@@ -335,3 +337,25 @@ def test_the_directory_is_the_system_instances_only_for_its_uri() -> None:
     assert config_dir_for("qemu+ssh://other/system", "") is None
     assert config_dir_for("qemu:///system", "none") is None
     assert config_dir_for("qemu+unix:///system?socket=/s", "/srv/qemu") == Path("/srv/qemu")
+
+
+def test_a_fresh_read_asks_libvirt_and_keeps_its_answer(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """What the guard does with a kept live XML that shows its device: libvirt
+    changed the domain and has not saved its file yet."""
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u, "/dev/loop7")
+    sources(configs, "g1", u)
+    reads.xml[u] = domain_xml("g1", u)  # changed, the file not yet saved
+    assert sources(configs, "g1", u) == ["/dev/loop7"], "kept"
+    assert [d.source_dev for d in configs.disks_of(u, "g1", fresh=True)] == []
+    assert sources(configs, "g1", u) == [], "the fresh answer is the one kept"
+    assert reads.reads == [u, u]
+
+
+def test_the_status_directory_is_the_system_instances_only_for_its_uri() -> None:
+    assert status_dir_for("qemu:///system", "") == Path("/run/libvirt/qemu")
+    assert status_dir_for("qemu:///session", "") is None
+    assert status_dir_for("qemu:///system", "none") is None
+    assert status_dir_for("qemu:///system?socket=/s", "/srv/run") == Path("/srv/run")
