@@ -10,7 +10,9 @@ it) and only ``xml`` loads os-brick, so the read commands start as fast as Pytho
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import re
 import sys
 import textwrap
@@ -373,8 +375,33 @@ def cmd_xml(args: argparse.Namespace) -> int:
     return 0
 
 
+@functools.cache
+def help_width() -> int:
+    """The width argparse's help would take (``COLUMNS``, else the terminal's,
+    else 80; less 2), found once. argparse asks again for each of the ~50
+    formatters it makes while the parser is built, and imports shutil to ask:
+    about 4 ms of a read command's start."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+            columns = 80
+    return columns - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=help_width())
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hostagentctl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hostagentctl", description=__doc__, formatter_class=_HelpFormatter
+    )
     parser.add_argument(
         "--socket",
         default=default_socket(),
@@ -383,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def read_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=_HelpFormatter)
         p.add_argument("--json", action="store_true", help="print JSON")
         return p
 

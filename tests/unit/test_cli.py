@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hostagent import cli
 from hostagent.cli import main, parse_size
 
 REPO = Path(__file__).parents[2]
@@ -193,6 +194,41 @@ def test_a_read_command_imports_neither_os_brick_nor_pydantic(
         timeout=60,
     )
     assert result.stdout.splitlines()[-1] == "HEAVY 0 ", result.stdout + result.stderr
+
+
+def test_a_read_command_does_not_import_shutil_for_thehelp_width(
+    daemon: RecordingDaemon,
+) -> None:
+    """argparse imports shutil to ask the terminal's width for each formatter
+    it makes (about 4 ms of a start): the width is found once instead."""
+    probe = (
+        "import sys\n"
+        "from hostagent.cli import main\n"
+        f"code = main({['--socket', str(daemon.path), 'list']!r})\n"
+        "print('SHUTIL', code, 'shutil' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
+    assert result.stdout.splitlines()[-1] == "SHUTIL 0 False", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("columns", "width"), [("61", 59), ("", 78), ("wide", 78), ("0", 78)])
+def test_the_help_is_as_wide_as_argparse_makes_it(
+    monkeypatch: pytest.MonkeyPatch, columns: str, width: int
+) -> None:
+    """COLUMNS, else the terminal (none here: 80), less 2, as argparse's own."""
+    monkeypatch.setenv("COLUMNS", columns)
+    cli.help_width.cache_clear()
+    try:
+        assert cli.help_width() == width
+    finally:
+        cli.help_width.cache_clear()
 
 
 def test_show_prints_lists_and_booleans_as_words_and_the_disk_evenly_indented(
