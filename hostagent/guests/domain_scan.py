@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -98,13 +99,18 @@ class DomainScan:
         for ``uri`` say unchanged (``config_dir``, ``status_dir``: the configured
         ones, see ``watched_dir``), both forgotten whenever libvirt (re)connects
         (libvirtd may have reloaded its files meanwhile; registered before the
-        reconcile a connect starts)."""
+        reconcile a connect starts), a domain's config whenever libvirt says it
+        was defined, undefined or stopped."""
         configs = PersistentConfigs(
             lambda uuid: guests.domain_xml(uuid, inactive=True), config_dir_for(uri, config_dir)
         )
         live = LiveDisks(guests.domain_xml, status_dir_for(uri, status_dir))
         guests.on_connected(configs.forget_all)
         guests.on_connected(live.forget_all)
+        # A domain defined (also by a reload that wrote no file), undefined or
+        # stopped: its config and the list of persistent domains are read again.
+        guests.on_defined(configs.changed)
+        guests.on_lifecycle(lambda uuid, event, detail: configs.changed(uuid))
         return cls(guests, configs, live)
 
     def close(self) -> None:
@@ -112,16 +118,17 @@ class DomainScan:
         self.configs.close()
         self.live.close()
 
-    def snapshot(self, *, fresh_live: bool = False) -> DomainSnapshot:
+    def snapshot(self, *, fresh_live: AbstractSet[str] = frozenset()) -> DomainSnapshot:
         """Every domain, and every disk with everything its XML says (alias,
-        network source); ``fresh_live``: every live XML read now, none taken from the cache."""
+        network source); the live XML of the domains in ``fresh_live`` (UUIDs)
+        read now, not taken from the cache."""
         domains = self.configs.domains(self._guests.list_domains, self._guests.list_running)
         running = [d for d in domains if d.active]
         persistent = [d for d in domains if d.persistent]
         live = self._disks(running, self.live, "live", fresh=fresh_live)
         return DomainSnapshot(domains, live + self._disks(persistent, self.configs, "config"))
 
-    def disks(self, *, fresh_live: bool = False) -> list[DomainDisk]:
+    def disks(self, *, fresh_live: AbstractSet[str] = frozenset()) -> list[DomainDisk]:
         """Every disk of ``snapshot``."""
         return self.snapshot(fresh_live=fresh_live).disks
 
@@ -131,9 +138,9 @@ class DomainScan:
         kept: WatchedDisks,
         where: Literal["live", "config"],
         *,
-        fresh: bool = False,
+        fresh: AbstractSet[str] = frozenset(),
     ) -> list[DomainDisk]:
-        known = {} if fresh else kept.known((d.uuid, d.name) for d in domains)
+        known = kept.known((d.uuid, d.name) for d in domains if d.uuid not in fresh)
         cached = [
             DomainDisk(d, where, disk)
             for d in domains
@@ -143,7 +150,8 @@ class DomainScan:
         return cached + self._each(
             [d for d in domains if d.uuid not in known],
             lambda d: [
-                DomainDisk(d, where, disk) for disk in kept.disks_of(d.uuid, d.name, fresh=fresh)
+                DomainDisk(d, where, disk)
+                for disk in kept.disks_of(d.uuid, d.name, fresh=d.uuid in fresh)
             ],
         )
 

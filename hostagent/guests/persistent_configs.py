@@ -14,19 +14,24 @@ incoming migration made persistent) saves or removes its file in the same
 call. While no file changed since a full listing, every domain is that
 listing's persistent ones plus whatever runs now (one round trip instead of
 two, and no handle for each domain defined but shut off); any change, an
-overflow or a reconnect lists everything again. A listing is kept only if
-every persistent domain in it has its file in the directory.
+overflow, a reconnect or a lifecycle event lists everything again, and so
+does a listing kept ``KEEP_AT_MOST`` seconds. A listing is kept only if the
+directory holds exactly its persistent domains' files, each naming its
+domain's UUID, and it has at least one (an empty directory may be anyone's):
+a config dropped in by hand and not loaded yet, or a directory that is not
+libvirt's, costs listings, not safety.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from hostagent.guests.domains import DomainInfo
-from hostagent.guests.watched_disks import WatchedDisks, watched_dir
+from hostagent.guests.watched_disks import KEEP_AT_MOST, WatchedDisks, file_uuid, watched_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -48,15 +53,22 @@ class PersistentConfigs(WatchedDisks):
     DomainNotFound for a domain undefined meanwhile.
     """
 
-    def __init__(self, read_config: Callable[[str], str], config_dir: Path | None) -> None:
+    def __init__(
+        self,
+        read_config: Callable[[str], str],
+        config_dir: Path | None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         # (UUID, name) of every persistent domain as last listed; None when a
         # change drained since says the list may be old. ``_changes`` counts
         # the config changes drained, so a listing that began before one is
         # not kept.
         self._persistent: tuple[tuple[str, str], ...] | None = None
+        self._persistent_at = 0.0
         self._changes = 0
-        self._unlisted_told = False
-        super().__init__(read_config, config_dir, what="domain configs")
+        self._listing_unkept_told = False
+        super().__init__(read_config, config_dir, what="domain configs", monotonic=monotonic)
 
     def domains(
         self,
@@ -71,6 +83,8 @@ class PersistentConfigs(WatchedDisks):
         with self._lock:
             self._drain()
             kept, started = self._persistent, self._stamp()
+            if self._monotonic() - self._persistent_at > KEEP_AT_MOST:
+                kept = None
         if kept is not None:
             active = dict(running())
             with self._lock:
@@ -78,13 +92,20 @@ class PersistentConfigs(WatchedDisks):
                 unchanged, started = self._stamp() == started, self._stamp()
             if unchanged:
                 return _with_running(kept, active)
+        listed_at = self._monotonic()
         domains = every()
-        if self._inotify is not None and self._all_filed(domains):
+        if self._inotify is not None and self._files_are(domains):
             with self._lock:
                 self._drain()
                 if self._stamp() == started and self._inotify is not None:
                     self._persistent = tuple((d.uuid, d.name) for d in domains if d.persistent)
+                    self._persistent_at = listed_at
         return domains
+
+    def changed(self, uuid: str) -> None:
+        super().changed(uuid)
+        with self._lock:
+            self._persistent = None
 
     def _stamp(self) -> tuple[int, int]:
         return self._epoch, self._changes
@@ -97,25 +118,29 @@ class PersistentConfigs(WatchedDisks):
         super()._reset()
         self._persistent = None
 
-    def _all_filed(self, domains: list[DomainInfo]) -> bool:
-        """Whether every persistent domain of a listing has ``<name>.xml`` in
-        the directory (else it is not the one libvirt saves them in, and its
-        changes would not say the listing is old). Said once when not."""
+    def _files_are(self, domains: list[DomainInfo]) -> bool:
+        """Whether the directory holds exactly the listing's persistent domains'
+        files (``<name>.xml``, each naming its UUID), and at least one: only
+        then do its changes say when the listing is old. Said once when not."""
         assert self._dir is not None
+        persistent = {d.name: d.uuid for d in domains if d.persistent}
         try:
-            files = set(os.listdir(self._dir))
+            names = {n[: -len(".xml")] for n in os.listdir(self._dir) if n.endswith(".xml")}
         except OSError:
-            files = set()
-        unfiled = [d.name for d in domains if d.persistent and f"{d.name}.xml" not in files]
-        if unfiled and not self._unlisted_told:
-            self._unlisted_told = True
-            LOG.warning(
-                "persistent domains %s have no config in %s: every domain is listed "
-                "from libvirt every time",
-                ", ".join(sorted(unfiled)[:5]),
+            names = set()
+        kept = bool(persistent) and names == set(persistent)
+        kept = kept and all(
+            file_uuid(self._dir / f"{n}.xml") == u.lower() for n, u in persistent.items()
+        )
+        if not kept and not self._listing_unkept_told:
+            self._listing_unkept_told = True
+            LOG.info(
+                "%s does not hold exactly the %d persistent domains' configs: every domain "
+                "is listed from libvirt until it does",
                 self._dir,
+                len(persistent),
             )
-        return not unfiled
+        return kept
 
 
 def _with_running(

@@ -10,6 +10,15 @@ began. What a drain reports is read again from libvirt (never from the
 file). An overflowed queue, a watch that ends, or a libvirt reconnect
 empties the cache; a domain whose file is not where expected (or names
 another UUID) is never cached, so a wrong directory costs reads, not safety.
+
+libvirt writes ``<name>.xml.new`` first: its events count as a change to
+``<name>`` too, so a save that fails after creating it (libvirt logs a
+failed status or config save and goes on) still says the domain changed.
+One that fails before creating it makes no event at all, so nothing is
+kept longer than ``KEEP_AT_MOST`` seconds either. libvirt's lifecycle
+events (a domain defined or undefined, also by a reload that wrote no
+file) drop what is kept of that domain as well (``changed``), as late as
+they arrive.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +49,9 @@ _CHANGES = (
 _WATCH_GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT
 _UUID = re.compile(rb"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
 
+# The longest a domain's disks are kept without a read from libvirt, change or not.
+KEEP_AT_MOST = 60.0
+
 # The URIs of the local system instance, whose directories are known.
 SYSTEM_URIS = frozenset({"qemu:///system", "qemu+unix:///system"})
 
@@ -56,6 +69,16 @@ def watched_dir(uri: str, configured: str, system_dir: Path) -> Path | None:
 class _Entry:
     name: str
     disks: tuple[DiskRef, ...]
+    read_at: float  # monotonic
+
+
+def _named(file_name: str) -> str | None:
+    """The domain name a file in the directory stands for (``<name>.xml`` and
+    libvirt's ``<name>.xml.new`` while it saves), None for any other file."""
+    for suffix in (".xml", ".xml.new"):
+        if file_name.endswith(suffix):
+            return file_name[: -len(suffix)]
+    return None
 
 
 class WatchedDisks:
@@ -64,15 +87,24 @@ class WatchedDisks:
     says that domain's file is unchanged; ``what`` names them in logs.
     Without a directory (or a watch on it) every use reads. Thread-safe."""
 
-    def __init__(self, read: Callable[[str], str], directory: Path | None, *, what: str) -> None:
+    def __init__(
+        self,
+        read: Callable[[str], str],
+        directory: Path | None,
+        *,
+        what: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._read = read
+        self._monotonic = monotonic
         self._dir = directory
         self._what = what
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         # Bumped per file name by each change drained, and for all of them
-        # (``_epoch``) by an overflow: a read that began before a bump is not
-        # kept.
+        # (``_epoch``) by whatever forgets more than one file's worth (an
+        # overflow, a reconnect, a lifecycle event, the end of the watch): a
+        # read that began before a bump is not kept.
         self._generation: dict[str, int] = {}
         self._epoch = 0
         self._uncacheable_told: set[str] = set()
@@ -116,6 +148,13 @@ class WatchedDisks:
                 self._inotify = None
             self._reset()
 
+    def changed(self, uuid: str) -> None:
+        """libvirt says domain ``uuid`` changed (a lifecycle event): forget
+        what is kept of it, and let no read under way be kept."""
+        with self._lock:
+            self._entries.pop(uuid, None)
+            self._epoch += 1
+
     def disks_of(self, uuid: str, name: str, *, fresh: bool = False) -> tuple[DiskRef, ...]:
         """The disks of domain ``uuid`` (named ``name``) as its XML has them now,
         read from libvirt if not cached (always if ``fresh``). Raises
@@ -123,15 +162,19 @@ class WatchedDisks:
         with self._lock:
             self._drain()
             entry = self._entries.get(uuid)
-            if entry is not None and entry.name == name and not fresh:
+            if entry is not None and entry.name == name and not fresh and self._young(entry):
                 return entry.disks
             started = (self._epoch, self._generation.get(name, 0))
+        read_at = self._monotonic()
         disks = parse_disk_refs(self._read(uuid)).disks
         if self._inotify is not None and self._file_names(name, uuid):
             with self._lock:
                 if (self._epoch, self._generation.get(name, 0)) == started:
-                    self._entries[uuid] = _Entry(name, disks)
+                    self._entries[uuid] = _Entry(name, disks, read_at)
         return disks
+
+    def _young(self, entry: _Entry) -> bool:
+        return self._monotonic() - entry.read_at <= KEEP_AT_MOST
 
     def known(self, domains: Iterable[tuple[str, str]]) -> dict[str, tuple[DiskRef, ...]]:
         """The cached disks of those of ``domains`` (UUID, name) whose file is
@@ -145,7 +188,7 @@ class WatchedDisks:
             return {
                 uuid: entry.disks
                 for uuid, entry in self._entries.items()
-                if entry.name == wanted[uuid]
+                if entry.name == wanted[uuid] and self._young(entry)
             }
 
     def _drain(self) -> None:
@@ -166,8 +209,7 @@ class WatchedDisks:
                 LOG.warning("%s: the directory went away: cache off", self._what)
                 self._stop_caching()
                 return
-            elif event.name.endswith(".xml"):
-                name = event.name[: -len(".xml")]
+            elif (name := _named(event.name)) is not None:
                 self._generation[name] = self._generation.get(name, 0) + 1
                 for uuid in [u for u, e in self._entries.items() if e.name == name]:
                     del self._entries[uuid]
@@ -191,12 +233,7 @@ class WatchedDisks:
         """Whether ``<dir>/<name>.xml`` is this domain's file: only then do its
         changes reach the watch. Said once per domain when it is not."""
         assert self._dir is not None
-        try:
-            with open(self._dir / f"{name}.xml", "rb") as saved:
-                found = _UUID.search(saved.read())
-        except OSError:
-            found = None
-        if found is not None and found.group(1).decode().lower() == uuid.lower():
+        if file_uuid(self._dir / f"{name}.xml") == uuid.lower():
             return True
         if uuid not in self._uncacheable_told:
             self._uncacheable_told.add(uuid)
@@ -208,3 +245,14 @@ class WatchedDisks:
                 self._what,
             )
         return False
+
+
+def file_uuid(path: Path) -> str | None:
+    """The (lower-case) UUID a saved domain file names first, None if it cannot
+    be read or names none."""
+    try:
+        with open(path, "rb") as saved:
+            found = _UUID.search(saved.read())
+    except OSError:
+        return None
+    return found.group(1).decode().lower() if found is not None else None

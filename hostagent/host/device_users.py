@@ -134,12 +134,13 @@ def references_in(
 
 def find_references(scan: DomainScan, matcher: DiskMatcher) -> list[DeviceReference]:
     """Every disk, in any domain's live XML or persistent config, ``matcher``
-    recognises. A live disk found in a kept live XML is looked for again in
-    live XMLs read now: a kept one can show, for a moment, a disk libvirt
-    removed on its own after an unplug (``guests.live_disks``)."""
+    recognises. A domain whose kept live XML shows such a disk is looked at
+    again in its live XML read now: a kept one can show, for a moment, a disk
+    libvirt removed on its own after an unplug (``guests.live_disks``)."""
     refs = references_in(scan.disks(), matcher)
-    if scan.live.caching and any(ref.where == "live" for ref in refs):
-        refs = references_in(scan.disks(fresh_live=True), matcher)
+    shown = {ref.domain_uuid for ref in refs if ref.where == "live"}
+    if scan.live.caching and shown:
+        refs = references_in(scan.disks(fresh_live=shown), matcher)
     return refs
 
 

@@ -70,9 +70,11 @@ def test_a_running_domains_live_xml_is_read_again_only_after_libvirt_saves_its_s
     assert device_users(scan, local_connection(device)) == []
     assert reads.count == before, "nothing changed: no live XML read"
     running[1].attach_raw(hand_made_disk(device, target_dev="sdb", unit=1))
+    before = reads.count
     assert device_users(scan, local_connection(device)) == [
         f"domain {running[1].name} (live, disk scsi0-0-0-1)"
     ]
+    assert reads.count - before == 2, "that domain, then it again, fresh; not the other one"
 
 
 def test_a_disk_found_in_a_kept_live_xml_is_looked_for_again_before_it_counts(

@@ -16,6 +16,7 @@ from hostagent.errors import DomainNotFound
 from hostagent.guests.domains import DomainInfo
 from hostagent.guests.live_disks import status_dir_for
 from hostagent.guests.persistent_configs import PersistentConfigs, config_dir_for
+from hostagent.guests.watched_disks import KEEP_AT_MOST
 
 
 class RecordingConfigReads:
@@ -329,6 +330,95 @@ def test_without_a_directory_every_listing_is_libvirts(
     listed(uncached, libvirt)
     listed(uncached, libvirt)
     assert libvirt.listings == ["every", "every"]
+
+
+def test_an_empty_listing_is_never_kept(configs: PersistentConfigs, libvirt: Libvirt) -> None:
+    """No persistent domain, no file: an empty directory may be anyone's."""
+    libvirt.create("t1", str(uuid.uuid4()))
+    listed(configs, libvirt)
+    listed(configs, libvirt)
+    assert libvirt.listings == ["every", "every"]
+
+
+def test_a_config_libvirt_has_not_loaded_keeps_the_listing_from_being_kept(
+    configs: PersistentConfigs, libvirt: Libvirt
+) -> None:
+    """A config dropped in by hand: libvirt defines it at its next reload,
+    which writes no file. Until the listing has it, nothing is kept."""
+    libvirt.define("g1", str(uuid.uuid4()))
+    dropped = str(uuid.uuid4())
+    (libvirt.dir / "g2.xml").write_text(domain_xml("g2", dropped))
+    listed(configs, libvirt)
+    listed(configs, libvirt)
+    libvirt.names[dropped] = "g2"  # the reload: no file written
+    assert [d[0] for d in listed(configs, libvirt)] == ["g1", "g2"]
+    listed(configs, libvirt)
+    assert libvirt.listings == ["every", "every", "every", "running"]
+
+
+def test_a_file_naming_another_uuid_keeps_the_listing_from_being_kept(
+    configs: PersistentConfigs, libvirt: Libvirt
+) -> None:
+    libvirt.define("g1", str(uuid.uuid4()))
+    libvirt.define("g2", str(uuid.uuid4()))
+    (libvirt.dir / "g2.xml").write_text(domain_xml("g2", str(uuid.uuid4())))
+    listed(configs, libvirt)
+    listed(configs, libvirt)
+    assert libvirt.listings[-2:] == ["every", "every"]
+
+
+def test_a_lifecycle_event_drops_the_kept_config_and_listing(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """libvirt says a domain was defined (a reload may have written no file)."""
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u, "/dev/loop7")
+    sources(configs, "g1", u)
+    listed(configs, libvirt)
+    reads.xml[u] = domain_xml("g1", u)  # reloaded from a file edited in place earlier
+    configs.changed(u)
+    assert sources(configs, "g1", u) == []
+    listed(configs, libvirt)
+    assert reads.reads == [u, u]
+    assert libvirt.listings == ["every", "every"]
+
+
+def test_a_save_that_fails_after_creating_its_new_file_counts_as_a_change(
+    configs: PersistentConfigs, libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """libvirt only logs a failed save: the file it wrote aside is removed and
+    nothing is renamed, yet the domain changed in libvirt."""
+    u = str(uuid.uuid4())
+    libvirt.define("g1", u, "/dev/loop7")
+    sources(configs, "g1", u)
+    reads.xml[u] = domain_xml("g1", u)
+    staged = libvirt.dir / "g1.xml.new"
+    staged.write_text("<domain>")
+    staged.unlink()
+    assert sources(configs, "g1", u) == []
+
+
+def test_nothing_is_kept_longer_than_the_most_it_may_be(
+    libvirt: Libvirt, reads: RecordingConfigReads
+) -> None:
+    """A save that fails before its file is created makes no event at all."""
+    now = [0.0]
+    configs = PersistentConfigs(reads, libvirt.dir, monotonic=lambda: now[0])
+    try:
+        u = str(uuid.uuid4())
+        libvirt.define("g1", u)
+        sources(configs, "g1", u)
+        listed(configs, libvirt)
+        now[0] += KEEP_AT_MOST - 1
+        sources(configs, "g1", u)
+        listed(configs, libvirt)
+        now[0] += 2
+        sources(configs, "g1", u)
+        listed(configs, libvirt)
+        assert reads.reads == [u, u]
+        assert libvirt.listings == ["every", "running", "every"]
+    finally:
+        configs.close()
 
 
 def test_the_directory_is_the_system_instances_only_for_its_uri() -> None:
