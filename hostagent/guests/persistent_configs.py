@@ -60,13 +60,10 @@ class PersistentConfigs(WatchedDisks):
         *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        # (UUID, name) of every persistent domain as last listed; None when a
-        # change drained since says the list may be old. ``_changes`` counts
-        # the config changes drained, so a listing that began before one is
-        # not kept.
+        # (UUID, name) of every persistent domain as last listed; None once
+        # anything was forgotten since (``_forgot``): the list may be old.
         self._persistent: tuple[tuple[str, str], ...] | None = None
         self._persistent_at = 0.0
-        self._changes = 0
         self._listing_unkept_told = False
         super().__init__(read_config, config_dir, what="domain configs", monotonic=monotonic)
 
@@ -102,20 +99,7 @@ class PersistentConfigs(WatchedDisks):
                     self._persistent_at = listed_at
         return domains
 
-    def changed(self, uuid: str) -> None:
-        super().changed(uuid)
-        with self._lock:
-            self._persistent = None
-
-    def _stamp(self) -> tuple[int, int]:
-        return self._epoch, self._changes
-
-    def _changed(self, name: str) -> None:
-        self._changes += 1
-        self._persistent = None
-
-    def _reset(self) -> None:
-        super()._reset()
+    def _forgot(self) -> None:
         self._persistent = None
 
     def _files_are(self, domains: list[DomainInfo]) -> bool:

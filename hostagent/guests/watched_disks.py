@@ -107,6 +107,7 @@ class WatchedDisks:
         # read that began before a bump is not kept.
         self._generation: dict[str, int] = {}
         self._epoch = 0
+        self._changes = 0  # file changes drained, all names
         self._uncacheable_told: set[str] = set()
         self._inotify: INotify | None = None
         if directory is not None:
@@ -154,6 +155,7 @@ class WatchedDisks:
         with self._lock:
             self._entries.pop(uuid, None)
             self._epoch += 1
+            self._forgot()
 
     def disks_of(self, uuid: str, name: str, *, fresh: bool = False) -> tuple[DiskRef, ...]:
         """The disks of domain ``uuid`` (named ``name``) as its XML has them now,
@@ -213,15 +215,23 @@ class WatchedDisks:
                 self._generation[name] = self._generation.get(name, 0) + 1
                 for uuid in [u for u, e in self._entries.items() if e.name == name]:
                     del self._entries[uuid]
-                self._changed(name)
+                self._changes += 1
+                self._forgot()
 
-    def _changed(self, name: str) -> None:
-        """A file changed (``<name>.xml``); the caller holds the lock."""
+    def _forgot(self) -> None:
+        """Something kept was forgotten (a file changed, a lifecycle event, a
+        reset); the caller holds the lock. For what a subclass keeps besides."""
+
+    def _stamp(self) -> tuple[int, int]:
+        """Moves whenever anything is forgotten: a read or listing that began
+        under another stamp is not kept."""
+        return self._epoch, self._changes
 
     def _reset(self) -> None:
         """Forget everything, and every read under way; the caller holds the lock."""
         self._entries.clear()
         self._epoch += 1
+        self._forgot()
 
     def _stop_caching(self) -> None:
         if self._inotify is not None:
