@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -118,29 +117,34 @@ class DomainScan:
         self.configs.close()
         self.live.close()
 
-    def snapshot(self, *, fresh_live: AbstractSet[str] = frozenset()) -> DomainSnapshot:
+    def snapshot(self) -> DomainSnapshot:
         """Every domain, and every disk with everything its XML says (alias,
-        network source); the live XML of the domains in ``fresh_live`` (UUIDs)
-        read now, not taken from the cache."""
+        network source)."""
         domains = self.configs.domains(self._guests.list_domains, self._guests.list_running)
         running = [d for d in domains if d.active]
         persistent = [d for d in domains if d.persistent]
-        live = self._disks(running, self.live, "live", fresh=fresh_live)
+        live = self._disks(running, self.live, "live")
         return DomainSnapshot(domains, live + self._disks(persistent, self.configs, "config"))
 
-    def disks(self, *, fresh_live: AbstractSet[str] = frozenset()) -> list[DomainDisk]:
+    def disks(self) -> list[DomainDisk]:
         """Every disk of ``snapshot``."""
-        return self.snapshot(fresh_live=fresh_live).disks
+        return self.snapshot().disks
+
+    def live_now(self, domains: list[DomainInfo]) -> list[DomainDisk]:
+        """The live disks of ``domains`` as their live XML has them now, read
+        from libvirt whatever is kept (and kept from then on)."""
+        return self._each(
+            domains,
+            lambda d: [
+                DomainDisk(d, "live", disk)
+                for disk in self.live.disks_of(d.uuid, d.name, fresh=True)
+            ],
+        )
 
     def _disks(
-        self,
-        domains: list[DomainInfo],
-        kept: WatchedDisks,
-        where: Literal["live", "config"],
-        *,
-        fresh: AbstractSet[str] = frozenset(),
+        self, domains: list[DomainInfo], kept: WatchedDisks, where: Literal["live", "config"]
     ) -> list[DomainDisk]:
-        known = kept.known((d.uuid, d.name) for d in domains if d.uuid not in fresh)
+        known = kept.known((d.uuid, d.name) for d in domains)
         cached = [
             DomainDisk(d, where, disk)
             for d in domains
@@ -149,10 +153,7 @@ class DomainScan:
         ]
         return cached + self._each(
             [d for d in domains if d.uuid not in known],
-            lambda d: [
-                DomainDisk(d, where, disk)
-                for disk in kept.disks_of(d.uuid, d.name, fresh=d.uuid in fresh)
-            ],
+            lambda d: [DomainDisk(d, where, disk) for disk in kept.disks_of(d.uuid, d.name)],
         )
 
     def _each(self, domains: list[DomainInfo], read: _Reader) -> list[DomainDisk]:

@@ -15,7 +15,7 @@ change shows in the live XML: the end of an unplug (``DEVICE_REMOVED``, then
 the save about a millisecond later), a block job that ends by itself. In
 that moment a kept live XML can still show a disk that is gone, so a guard
 that finds a live disk in a kept XML reads that domain's live XML again
-before it answers (``DomainScan.disks(fresh_live=...)``). A block job's new
+before it answers (``DomainScan.live_now``). A block job's new
 source shows the same moment before the save: for a host block device QEMU
 holds it open from the job's start, and the guard's holder search finds it;
 a network source (RBD) has no such second look. (A block copy's destination,

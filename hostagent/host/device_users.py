@@ -137,11 +137,13 @@ def find_references(scan: DomainScan, matcher: DiskMatcher) -> list[DeviceRefere
     recognises. A domain whose kept live XML shows such a disk is looked at
     again in its live XML read now: a kept one can show, for a moment, a disk
     libvirt removed on its own after an unplug (``guests.live_disks``)."""
-    refs = references_in(scan.disks(), matcher)
+    snapshot = scan.snapshot()
+    refs = references_in(snapshot.disks, matcher)
     shown = {ref.domain_uuid for ref in refs if ref.where == "live"}
-    if scan.live.caching and shown:
-        refs = references_in(scan.disks(fresh_live=shown), matcher)
-    return refs
+    if not (scan.live.caching and shown):
+        return refs
+    now = references_in(scan.live_now([d for d in snapshot.domains if d.uuid in shown]), matcher)
+    return now + [ref for ref in refs if ref.where != "live"]  # a snapshot's order
 
 
 # A process found holding a device no domain names is looked at again for this
