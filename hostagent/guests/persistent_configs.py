@@ -112,9 +112,14 @@ class PersistentConfigs(WatchedDisks):
             names = {n[: -len(".xml")] for n in os.listdir(self._dir) if n.endswith(".xml")}
         except OSError:
             names = set()
+        # A kept config vouches for its file: it was read only after the file
+        # was seen to name its UUID, and any change to the file since dropped it.
+        with self._lock:
+            vouched = {u for u, entry in self._entries.items() if persistent.get(entry.name) == u}
         kept = bool(persistent) and names == set(persistent)
         kept = kept and all(
-            file_uuid(self._dir / f"{n}.xml") == u.lower() for n, u in persistent.items()
+            u in vouched or file_uuid(self._dir / f"{n}.xml") == u.lower()
+            for n, u in persistent.items()
         )
         if not kept and not self._listing_unkept_told:
             self._listing_unkept_told = True
