@@ -154,8 +154,7 @@ class WatchedDisks:
         what is kept of it, and let no read under way be kept."""
         with self._lock:
             self._entries.pop(uuid, None)
-            self._epoch += 1
-            self._forgot()
+            self._new_epoch()
 
     def disks_of(self, uuid: str, name: str, *, fresh: bool = False) -> tuple[DiskRef, ...]:
         """The disks of domain ``uuid`` (named ``name``) as its XML has them now,
@@ -230,7 +229,14 @@ class WatchedDisks:
     def _reset(self) -> None:
         """Forget everything, and every read under way; the caller holds the lock."""
         self._entries.clear()
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        """No read or listing under way may be kept; the caller holds the lock.
+        The per-name generations start again (only a stamp's epoch tells now),
+        so they do not grow with every name ever seen."""
         self._epoch += 1
+        self._generation.clear()
         self._forgot()
 
     def _stop_caching(self) -> None:
