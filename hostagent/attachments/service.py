@@ -344,8 +344,10 @@ class AttachmentService:
 
         The first request is optimistic (live if running, config if
         persistent); a refusal sends us to the XML to see where the disk
-        really is. The waiter is registered before each detach call, the
-        live XML is re-read to confirm removal, and the request is repeated
+        really is. The waiter is registered before each detach call; unless
+        DEVICE_REMOVED came for the alias, the live XML is re-read to confirm
+        removal (an unplug still pending, a guest started since the lookup), and
+        the request is repeated
         every ``detach_retry_interval`` until ``timeout``. Returns True if the
         domain was not found: its disk went with it (unless it is defined again).
         """
@@ -392,6 +394,12 @@ class AttachmentService:
                 if live:
                     unplugging = True
                     pending.event.wait(min(self.settings.detach_retry_interval, remaining))
+            if pending.removed:
+                # libvirt sends DEVICE_REMOVED for this alias only once it has
+                # taken the disk out of the live definition, and the config
+                # part was done when libvirt accepted the request: gone from
+                # both, no read needed.
+                return False
             # The config part is done once libvirt accepted it; confirm the live
             # part. Read even after a config-only request: a guest started since
             # the lookup may have booted with the disk (an inactive domain's

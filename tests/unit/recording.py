@@ -38,13 +38,18 @@ class _Domain:
 class RecordingGuests(Guests):
     """Recording fake of libvirt: domains are XML held in memory, and every
     device change asked of them is recorded in ``calls`` as (call, disk alias
-    or device kind, live, config). ``refuse_attach`` is libvirt's refusal of
-    every attach; ``crash_on_attach`` dies before or after libvirt takes one."""
+    or device kind, live, config), and every XML read in ``xml_reads`` as
+    (domain UUID, inactive). ``refuse_attach`` is libvirt's refusal of every
+    attach; ``crash_on_attach`` dies before or after libvirt takes one;
+    ``removal_events`` False makes a live unplug send no DEVICE_REMOVED (an
+    event lost with a dropped connection)."""
 
     def __init__(self) -> None:  # no libvirt session: nothing to connect to
         self.uri = "recording:///"
         self.removals = DeviceRemovedWaiter()
         self.calls: list[tuple[str, str, bool, bool]] = []
+        self.xml_reads: list[tuple[str, bool]] = []
+        self.removal_events = True
         self.refuse_attach: str | None = None
         self.crash_on_attach: Literal["before", "after"] | None = None
         self.migrating_domains: set[str] = set()  # UUIDs in a libvirt migration job
@@ -123,6 +128,7 @@ class RecordingGuests(Guests):
         return sorted((s.info for s in self._domains.values()), key=lambda d: d.name)
 
     def domain_xml(self, domain_uuid: str, *, inactive: bool = False) -> str:
+        self.xml_reads.append((domain_uuid, inactive))
         state = self._state(domain_uuid)
         # libvirt: a stopped domain's live XML is its config, a transient one's
         # inactive XML its live XML
@@ -166,7 +172,7 @@ class RecordingGuests(Guests):
             raise LibvirtError(f"no device with alias {alias} in {state.info.name}")
         for root in roots:
             root.find("./devices").remove(_find(root, alias))
-        if live:
+        if live and self.removal_events:
             self.removals.device_removed(domain_uuid, alias)
 
     # inside

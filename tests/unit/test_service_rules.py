@@ -81,6 +81,30 @@ def test_a_detach_that_leaves_other_users_keeps_the_connection(core: Core) -> No
     assert core.connector.disconnects == []
 
 
+def test_a_removal_libvirt_announced_is_not_read_back(core: Core) -> None:
+    one, two = core.guests.define("g1"), core.guests.define("g2")
+    core.service.attach("a1", core.request(one, multiattach=True))
+    core.service.attach("a2", core.request(two, multiattach=True))
+    core.guests.xml_reads.clear()
+    core.service.detach("a1")
+    assert core.guests.holds(one, "ua-a1") == (False, False)
+    assert core.guests.xml_reads == [], "DEVICE_REMOVED came: the live XML is not read again"
+
+
+def test_a_removal_without_its_event_is_confirmed_in_the_live_xml(core: Core) -> None:
+    one, two = core.guests.define("g1"), core.guests.define("g2")
+    core.service.attach("a1", core.request(one, multiattach=True))
+    core.service.attach("a2", core.request(two, multiattach=True))
+    core.guests.removal_events = False
+    core.guests.xml_reads.clear()
+    result = core.service.detach("a1")
+    assert core.store.get_attachment("a1") is None and result.host_refcount == 1
+    assert core.guests.xml_reads == [(one.uuid, False)], "the live XML says it is gone"
+    assert [call for call in core.guests.calls if call[0] == "detach"] == [
+        ("detach", "ua-a1", True, True)
+    ]
+
+
 def test_a_domain_that_names_the_device_keeps_the_connection(core: Core) -> None:
     ours, theirs = core.guests.define("g1"), core.guests.define("operator")
     core.service.attach("a1", core.request(ours))
