@@ -41,6 +41,7 @@ from hostagent.state.store import (
     ConnectionReleasing,
     ConnectionState,
     Store,
+    Sync,
 )
 
 LOG = logging.getLogger(__name__)
@@ -113,9 +114,20 @@ class HostConnections(ConnectionReleases):
         """
         key = target.connection_key
         connection: ConnectionRecord | None
+        # Durable before a connect: a row committed NORMAL here (the connection
+        # looked up) is fsync'd before any connect by the FULL write below.
+        carried = False
         if new:
+            known = self.store.get_connection(key)
+            carried = known is not None and self._usable(known)
             try:
-                connection = self.store.begin_attach(record, self._connection_intent(target))
+                # On a connection already up the next act is libvirt's attach,
+                # asked only after the placement row's FULL commit carries this one.
+                connection = self.store.begin_attach(
+                    record,
+                    self._connection_intent(target),
+                    sync=Sync.COMPLETION if carried else Sync.INTENT,
+                )
                 failpoints.hit("attach.after_intent")
                 new = False
             except ConnectionReleasing:
@@ -136,7 +148,7 @@ class HostConnections(ConnectionReleases):
                 return False
             if connection.state is ConnectionState.CONNECTED:
                 LOG.info("%s was connected in an earlier boot", key)
-            if connection.state is not ConnectionState.CONNECTING:
+            if carried or connection.state is not ConnectionState.CONNECTING:
                 self.store.set_connection_state(key, ConnectionState.CONNECTING)
             LOG.info("attachment %s: connecting %s", record.attachment_id, key)
             try:

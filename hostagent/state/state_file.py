@@ -89,7 +89,10 @@ class Sync(StrEnum):
     one, so the file is always as it was right after some commit at or after
     the last intent. Hence INTENT for every row written before an act;
     COMPLETION only for rows reconcile derives again from libvirt and the
-    host when they are lost (README "After a crash": power cut).
+    host when they are lost (README "After a crash": power cut), and for an
+    intent whose act comes only after a later intent's FULL commit, which
+    carries it: the attach intent on a connection already up, whose act is
+    libvirt's attach, asked only after the placement row is fsync'd.
     """
 
     INTENT = "FULL"

@@ -7,7 +7,9 @@ check-and-write runs in one ``BEGIN IMMEDIATE`` transaction, so two requests
 can never both pass a conflict check. Every write is an intent (fsync'd,
 ``Sync.INTENT``) but four completions: ``connected``, ``attached``, and the
 two ends of a detach (``release_if_shared``, ``finish_detach``), which a
-power cut may lose back to the intent before them (``Sync``).
+power cut may lose back to the intent before them (``Sync``); and the attach
+intent on a connection already up is NORMAL, carried by the placement's fsync
+before libvirt is asked (``begin_attach``'s ``sync``).
 """
 
 from __future__ import annotations
@@ -204,6 +206,7 @@ class Store:
         connection: ConnectionRecord,
         *,
         while_releasing: bool = False,
+        sync: Sync = Sync.INTENT,
     ) -> ConnectionRecord:
         """Record the intent to attach (and to connect, if the connection is new).
 
@@ -213,9 +216,10 @@ class Store:
         Raises ConnectionReleasing, recording nothing, while the connection is
         ``disconnecting``, unless ``while_releasing`` (the caller holds the
         connection lock and will connect it again). Returns the connection
-        row as it now stands.
+        row as it now stands. ``sync`` is ``Sync.COMPLETION`` only when the
+        caller's next act waits for a later intent (``Sync``).
         """
-        with self._tx() as db:
+        with self._tx(sync) as db:
             state = db.execute(
                 "SELECT state FROM connections WHERE connection_key = ?",
                 (connection.connection_key,),

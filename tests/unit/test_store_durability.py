@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.connectors import HostDevice, Target
 from hostagent.errors import LibvirtError
 from hostagent.state.store import Sync
 from tests.unit.conftest import Core, make_core
@@ -98,8 +99,10 @@ def test_every_intent_of_a_shared_attach_and_detach_is_fsynced(
     core.service.attach("a2", core.request(second, multiattach=True))
     core.service.detach("a2")
     assert commits.commits == [
-        ("FULL", "INSERT connections"),  # intent (the connection row exists: ignored)
-        ("FULL", "UPDATE attachments target_dev"),
+        # intent on a connection already up (its row exists: ignored); no act
+        # before the next intent, whose fsync carries it
+        ("NORMAL", "INSERT connections"),
+        ("FULL", "UPDATE attachments target_dev"),  # intent: before libvirt
         ("NORMAL", "UPDATE attachments state='attached'"),
         ("FULL", "UPDATE attachments state='detaching'"),
         ("NORMAL", "DELETE attachments"),  # completion: tombstone, refcount 1
@@ -119,6 +122,65 @@ def test_a_rollback_writes_intents_only(core: Core, commits: CommitLog) -> None:
         ("FULL", "UPDATE connections state='disconnecting'"),
         ("FULL", "DELETE connections"),
     ]
+
+
+# every act finds its intent durable
+
+
+def durable_attachments(durable: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(durable)) as copy:
+        return {row[0] for row in copy.execute("SELECT attachment_id FROM attachments")}
+
+
+@pytest.fixture
+def acts_checked(core: Core, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, set[str]]]:
+    """Each libvirt attach and each connect, with the attachment ids a power cut
+    right then would leave in the state file."""
+    durable = power_cut_keeps_intents_only(core)
+    acts: list[tuple[str, set[str]]] = []
+    attach, connect = core.guests.attach_device, core.connector.connect
+
+    def attach_device(domain_uuid: str, xml: str, *, live: bool, config: bool) -> None:
+        acts.append(("attach", durable_attachments(durable)))
+        attach(domain_uuid, xml, live=live, config=config)
+
+    def connect_volume(target: Target) -> HostDevice:
+        acts.append(("connect", durable_attachments(durable)))
+        return connect(target)
+
+    monkeypatch.setattr(core.guests, "attach_device", attach_device)
+    monkeypatch.setattr(core.connector, "connect", connect_volume)
+    return acts
+
+
+def test_a_shared_attach_is_durable_before_libvirt_is_asked(
+    core: Core, acts_checked: list[tuple[str, set[str]]]
+) -> None:
+    first, second = core.guests.define("g1"), core.guests.define("g2")
+    core.service.attach("a1", core.request(first, multiattach=True))
+    core.service.attach("a2", core.request(second, multiattach=True))
+    assert acts_checked == [
+        ("connect", {"a1"}),
+        ("attach", {"a1"}),
+        ("attach", {"a1", "a2"}),  # its own intent NORMAL, carried by the placement's
+    ]
+
+
+def test_an_intent_written_lightly_is_fsynced_before_a_connect_it_did_not_expect(
+    core: Core, acts_checked: list[tuple[str, set[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection looked up before the intent was up; by the intent's
+    # transaction it was gone (released in between), so the attach connects.
+    first, second = core.guests.define("g1"), core.guests.define("g2")
+    core.service.attach("a1", core.request(first, multiattach=True))
+    looked_up = core.store.get_connection(core.key)
+    core.service.detach("a1")
+    assert core.store.get_connection(core.key) is None
+    answers = iter([looked_up])
+    real = core.store.get_connection
+    monkeypatch.setattr(core.store, "get_connection", lambda key: next(answers, None) or real(key))
+    core.service.attach("a2", core.request(second, multiattach=True))
+    assert acts_checked[-2:] == [("connect", {"a2"}), ("attach", {"a2"})]
 
 
 # power cuts
