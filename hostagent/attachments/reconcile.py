@@ -80,6 +80,9 @@ class Reconciler:
         self._boot_id = boot_id
         self.tombstone_ttl = tombstone_ttl
         self._clock = clock
+        # What the last pass that found every attachment settled looked at
+        # (``run``): the store's write count, the domains' names, their aliases.
+        self._all_settled: _SettledInputs | None = None
 
     def run(self) -> ReconcileReport:
         actions: list[ReconcileAction] = []
@@ -90,9 +93,15 @@ class Reconciler:
         # costs nothing more; any other is looked at again, fresh, under its lock.
         snapshot = self._connections.scan.snapshot()
         acted = bool(actions)
-        records = self._store.attachment_summaries()
-        for record in records:
-            if not _settled(record, snapshot):
+        writes, records = self._store.attachment_summaries()
+        # Whether each record is settled depends on the rows and on the
+        # snapshot's names and disk aliases only: when none of them changed
+        # since a pass that found every record settled, neither did the answer.
+        inputs = (writes, _names(snapshot), snapshot.aliases)
+        if inputs != self._all_settled:
+            unsettled = [r for r in records if not _settled(r, snapshot)]
+            self._all_settled = None if unsettled else inputs
+            for record in unsettled:
                 found = self.attachment(record.attachment_id)
                 acted = acted or bool(found)
                 actions += found
@@ -100,7 +109,7 @@ class Reconciler:
             actions += self.connection_pass.connection(connection.connection_key)
         if acted:  # what the pass did may have changed the disks and records it read
             snapshot = self._connections.scan.snapshot()
-            records = self._store.attachment_summaries()
+            _, records = self._store.attachment_summaries()
         ours = {(a.domain_uuid, a.alias) for a in records}
         actions += self.connection_pass.foreign_disks(snapshot.disks, ours)
         purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
@@ -265,6 +274,13 @@ class Reconciler:
         for record in records:
             actions += self.attachment(record.attachment_id)
         return actions
+
+
+_SettledInputs = tuple[int, dict[str, str], frozenset[tuple[str, str]]]
+
+
+def _names(snapshot: DomainSnapshot) -> dict[str, str]:
+    return {uuid: domain.name for uuid, domain in snapshot.by_uuid.items()}
 
 
 def _settled(record: AttachmentSummary, snapshot: DomainSnapshot) -> bool:

@@ -81,6 +81,7 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._db = open_state_file(path)
         self._sync = Sync.INTENT  # the writer's level as opened
+        self._summaries: tuple[int, tuple[AttachmentSummary, ...]] | None = None
         # Called after each commit with its level, under the writer mutex:
         # tests copy the file at each intent to model a power cut.
         self.on_commit: Callable[[Sync], None] | None = None
@@ -147,10 +148,24 @@ class Store:
         rows = self._read(sql + " ORDER BY created_at, attachment_id", tuple(params))
         return [attachment_from_row(r) for r in rows]
 
-    def attachment_summaries(self) -> list[AttachmentSummary]:
-        """Every attachment's id, domain, alias and state, in ``list_attachments``' order."""
+    def writes(self) -> int:
+        """How many rows the writer has changed since the file was opened: equal
+        counts mean nothing was written in between (every write goes through
+        the writer; one rolled back still counts, which only costs a read)."""
+        with self._mutex:
+            return self._db.total_changes
+
+    def attachment_summaries(self) -> tuple[int, tuple[AttachmentSummary, ...]]:
+        """Every attachment's id, domain, alias and state, in ``list_attachments``'
+        order, with ``writes()`` as of before the read: the same count means the
+        same rows. Read again only after a write (reconcile asks every pass)."""
+        writes = self.writes()  # before the read: a write in between makes it older
+        kept = self._summaries
+        if kept is not None and kept[0] == writes:
+            return kept
         rows = self._read(f"{SELECT_ATTACHMENT_SUMMARY} ORDER BY created_at, attachment_id")
-        return [attachment_summary_from_row(r) for r in rows]
+        self._summaries = (writes, tuple(attachment_summary_from_row(r) for r in rows))
+        return self._summaries
 
     def get_connection(self, connection_key: str) -> ConnectionRecord | None:
         rows = self._read("SELECT * FROM connections WHERE connection_key = ?", (connection_key,))

@@ -6,12 +6,15 @@ Interrupted steps are made by a ``SimulatedCrash`` at the libvirt boundary
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import pytest
 
 from hostagent.api.models import ReconcileAction
-from hostagent.state.store import AttachmentState
+from hostagent.attachments import reconcile
+from hostagent.guests.domain_scan import DomainSnapshot
+from hostagent.state.store import AttachmentState, AttachmentSummary
 from tests.unit.conftest import Core
 from tests.unit.recording import SimulatedCrash
 
@@ -176,3 +179,72 @@ def test_an_interrupted_detach_whose_disk_is_gone_is_finished(core: Core) -> Non
     core.guests.drop_disk(guest, "ua-a1", "config")
     assert actions(core) == [("finished_detach", "a1")]
     assert core.connector.disconnects == [core.key]
+
+
+# a pass whose inputs did not change since one that found everything settled
+
+
+@pytest.fixture
+def settled_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The attachment ids a pass checks against its snapshot."""
+    checked: list[str] = []
+    real = reconcile._settled
+
+    def counted(record: AttachmentSummary, snapshot: DomainSnapshot) -> bool:
+        checked.append(record.attachment_id)
+        return real(record, snapshot)
+
+    monkeypatch.setattr(reconcile, "_settled", counted)
+    return checked
+
+
+def test_a_pass_that_finds_what_a_settled_pass_found_checks_no_record_again(
+    core: Core, settled_checks: list[str]
+) -> None:
+    core.service.attach("a1", core.request(core.guests.define("g1"), multiattach=True))
+    core.service.attach("a2", core.request(core.guests.define("g2"), multiattach=True))
+    assert actions(core) == []
+    assert sorted(settled_checks) == ["a1", "a2"]
+    settled_checks.clear()
+    assert actions(core) == []
+    assert settled_checks == [], "same rows, same names and disks: the same answer"
+
+
+def test_a_disk_lost_after_a_settled_pass_is_still_found(
+    core: Core, settled_checks: list[str]
+) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    assert actions(core) == []
+    core.guests.drop_disk(guest, "ua-a1", "live")
+    core.guests.drop_disk(guest, "ua-a1", "config")
+    assert actions(core) == [("missing_disk", "a1")]
+
+
+def test_a_domain_renamed_after_a_settled_pass_is_looked_at(
+    core: Core, settled_checks: list[str]
+) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    assert actions(core) == []
+    state = core.guests._domains[guest.uuid]
+    state.info = replace(state.info, name="g1-renamed")  # virsh domrename, as libvirt has it
+    assert actions(core) == [("domain_renamed", "a1")]
+
+
+def test_a_record_written_after_a_settled_pass_is_looked_at(
+    core: Core, settled_checks: list[str]
+) -> None:
+    core.service.attach("a1", core.request(core.guests.define("g1")))
+    assert actions(core) == []
+    core.store.set_attachment_state("a1", AttachmentState.DETACHING)
+    assert actions(core) == [("detach_pending", "a1")]
+
+
+def test_a_pass_that_acted_is_not_taken_as_settled(core: Core, settled_checks: list[str]) -> None:
+    guest = core.guests.define("g1")
+    core.service.attach("a1", core.request(guest))
+    core.guests.drop_disk(guest, "ua-a1", "live")
+    core.guests.drop_disk(guest, "ua-a1", "config")
+    assert actions(core) == [("missing_disk", "a1")]
+    assert actions(core) == [("missing_disk", "a1")], "reported again: still not settled"

@@ -261,6 +261,20 @@ def test_records_read_back_whole_and_summaries_agree_with_them(store: Store) -> 
     assert store.get_attachment("a2") == listed[1]
     assert [type(a.state) for a in listed] == [AttachmentState, AttachmentState]
     assert [type(a.multiattach) for a in listed] == [bool, bool]
-    assert store.attachment_summaries() == [
+    _, summaries = store.attachment_summaries()
+    assert list(summaries) == [
         (a.attachment_id, a.domain_uuid, a.domain_name, a.alias, a.state) for a in listed
     ]
+
+
+def test_summaries_are_read_again_only_after_a_write(store: Store) -> None:
+    store.begin_attach(attachment("a1"), connection())
+    reads: list[str] = []
+    store._reader().set_trace_callback(reads.append)
+    first = store.attachment_summaries()
+    assert store.attachment_summaries() == first
+    assert len(reads) == 1, "nothing written: the rows read are the rows"
+    store.set_attachment_state("a1", AttachmentState.ATTACHED)
+    writes, summaries = store.attachment_summaries()
+    assert len(reads) == 2 and writes > first[0]
+    assert [s.state for s in summaries] == [AttachmentState.ATTACHED]
