@@ -96,16 +96,16 @@ class DomainScan:
     def watching(cls, guests: Guests, uri: str, *, config_dir: str, status_dir: str) -> DomainScan:
         """The daemon's scan: configs and live XML kept while libvirt's directories
         for ``uri`` say unchanged (``config_dir``, ``status_dir``: the configured
-        ones, see ``watched_dir``), both forgotten whenever libvirt (re)connects
-        (libvirtd may have reloaded its files meanwhile; registered before the
-        reconcile a connect starts), a domain's config whenever libvirt says it
-        was defined, undefined or stopped."""
+        ones, see ``watched_dir``), both forgotten whenever libvirt (re)connects,
+        before any call can use the new connections (libvirtd may have reloaded
+        its files meanwhile), a domain's config whenever libvirt says it was
+        defined, undefined or stopped."""
         configs = PersistentConfigs(
             lambda uuid: guests.domain_xml(uuid, inactive=True), config_dir_for(uri, config_dir)
         )
         live = LiveDisks(guests.domain_xml, status_dir_for(uri, status_dir))
-        guests.on_connected(configs.forget_all)
-        guests.on_connected(live.forget_all)
+        guests.on_connecting(configs.forget_all)
+        guests.on_connecting(live.forget_all)
         # A domain defined (also by a reload that wrote no file), undefined or
         # stopped: its config and the list of persistent domains are read again.
         guests.on_defined(configs.changed)

@@ -144,6 +144,11 @@ class Guests:
         """Call ``listener`` (on the reconnect thread) after every (re)connect."""
         self.session.on_connected(listener)
 
+    def on_connecting(self, listener: ConnectionListener) -> None:
+        """Call ``listener`` (on the reconnect thread) at every (re)connect, before
+        any call uses the new connections."""
+        self.session.on_connecting(listener)
+
     def on_lifecycle(self, listener: LifecycleListener) -> None:
         """Call ``listener(uuid, event, detail)`` for domains that stop or are undefined.
 

@@ -124,10 +124,17 @@ class LibvirtSession:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._listeners: list[Listener] = []
+        self._before_use: list[Listener] = []
 
     def on_connected(self, listener: Listener) -> None:
         """Call ``listener`` (on the connecting thread) after every (re)connect."""
         self._listeners.append(listener)
+
+    def on_connecting(self, listener: Listener) -> None:
+        """Call ``listener`` (on the connecting thread) at every (re)connect, before
+        any call can use the new connections: what keeps answers of the libvirtd
+        before forgets them there (it may have reloaded its files meanwhile)."""
+        self._before_use.append(listener)
 
     @property
     def connected(self) -> bool:
@@ -176,17 +183,22 @@ class LibvirtSession:
             LOG.warning("libvirt %s unreachable: %s", self.uri, exc.get_error_message())
             self._close(opened)
             return False
+        self._call_each(self._before_use, "before libvirt connections are used")
         with self._mutex:
             self._channels = [
                 _Channel(conn, threading.BoundedSemaphore(self._calls)) for conn in opened
             ]
         LOG.info("connected to libvirt %s (%d connections)", self.uri, len(opened))
-        for listener in self._listeners:
+        self._call_each(self._listeners, "after libvirt connect")
+        return True
+
+    @staticmethod
+    def _call_each(listeners: list[Listener], when: str) -> None:
+        for listener in listeners:
             try:
                 listener()
             except Exception:
-                LOG.exception("listener after libvirt connect failed")
-        return True
+                LOG.exception("listener %s failed", when)
 
     def _supervise(self) -> None:
         delay = self._backoff[0]
