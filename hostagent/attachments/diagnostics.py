@@ -212,9 +212,12 @@ def diagnose(
     for record in records:
         findings += _attachment_findings(record, domains.get(record.domain_uuid), disks)
     ours = {(r.domain_uuid, r.alias) for r in records}
+    told: set[tuple[str, str, str]] = set()  # a disk's backing layers repeat its alias
     for dd in disks:
         alias = dd.disk.alias or ""
-        if alias.startswith(USER_ALIAS_PREFIX) and (dd.domain.uuid, alias) not in ours:
+        place = (dd.domain.uuid, alias, dd.where)
+        if alias.startswith(USER_ALIAS_PREFIX) and place[:2] not in ours and place not in told:
+            told.add(place)
             findings.append(_unrecorded_finding(store, dd, alias))
     numbers: DeviceNumbers = {}
     for connection in connections:

@@ -6,7 +6,7 @@ Each field declares its xpath once; ``xmlmodel`` uses it both to format the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,9 +217,52 @@ class DomainDiskRefs(XmlModel):
         return any(disk.alias == alias for disk in self.disks)
 
 
+_LAYERED_DISKS = etree.XPath("./devices/disk[mirror/source or backingStore/source]")
+
+
 def parse_disk_refs(xml: str | bytes) -> DomainDiskRefs:
-    """Parse only what each disk of a domain uses and how it is named."""
-    return DomainDiskRefs.from_element(parse_xml(xml))
+    """Parse only what each disk of a domain uses and how it is named: each
+    disk's own source, then one more ``DiskRef`` (the same alias and target)
+    for every backing layer and block-copy destination it has."""
+    root = parse_xml(xml)
+    refs = DomainDiskRefs.from_element(root)
+    # one look for the few disks with layers (most have none, or an empty
+    # <backingStore/>), then a walk of only those
+    if not _LAYERED_DISKS(root):
+        return refs
+    disks: list[DiskRef] = []
+    for ref, element in zip(refs.disks, root.iterfind("./devices/disk"), strict=True):
+        disks.append(ref)
+        disks += (_layer_ref(ref, source) for source in _layer_sources(element))
+    return DomainDiskRefs(disks=tuple(disks))
+
+
+def _layer_sources(disk: etree._Element) -> Iterator[etree._Element]:
+    """Beside its own source, a disk uses every layer of its backing chain (a
+    qcow2 overlay on a block device, as an external snapshot makes: libvirt
+    writes the chain it found into the live XML) and the destination of a
+    block copy under way (``<mirror>``, with a chain of its own)."""
+    mirror = disk.find("mirror")
+    holders = [disk] if mirror is None else [disk, mirror]
+    if mirror is not None and (copy := mirror.find("source")) is not None:
+        yield copy
+    for holder in holders:
+        layer = holder.find("backingStore")
+        while layer is not None and (source := layer.find("source")) is not None:
+            yield source
+            layer = layer.find("backingStore")
+
+
+def _layer_ref(disk: DiskRef, source: etree._Element) -> DiskRef:
+    """A backing layer's or block-copy destination's ``<source>``, named as its disk."""
+    return DiskRef(
+        alias=disk.alias,
+        target_dev=disk.target_dev,
+        source_dev=source.get("dev"),
+        source_file=source.get("file"),
+        source_protocol=source.get("protocol"),
+        source_name=source.get("name"),
+    )
 
 
 def disk_fragment(domain_xml: str | bytes, alias: str) -> str | None:

@@ -6,6 +6,7 @@ libvirt's config directory says they are unchanged."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -14,9 +15,9 @@ import pytest
 from hostagent.guests.domain_scan import DomainScan
 from hostagent.guests.domains import Guests as HostGuests
 from hostagent.guests.persistent_configs import SYSTEM_CONFIG_DIR, PersistentConfigs
-from hostagent.host.device_users import device_users
+from hostagent.host.device_users import HostDeviceMatcher, device_users, find_references
 from hostagent.state.records import ConnectionRecord, ConnectionState
-from tests.integration.support import Guests, LoopDevices, hand_made_disk
+from tests.integration.support import Guests, LoopDevices, hand_made_disk, run
 
 
 def local_connection(device: str) -> ConnectionRecord:
@@ -199,3 +200,26 @@ def test_domains_defined_or_made_after_the_list_was_kept_are_seen(
         ]
     finally:
         configs.close()
+
+
+def test_a_disk_whose_backing_chain_reaches_the_device_is_a_use(
+    scan: DomainScan, guests: Guests, loops: LoopDevices, tmp_path: Path
+) -> None:
+    """A qcow2 overlay on the device (what an external snapshot leaves): the
+    disk's own source is the overlay file; libvirt's live XML names the device
+    as its backing layer, and so must the guard."""
+    device = loops.make()
+    overlay = tmp_path / "overlay.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", device, "-F", "raw", str(overlay))
+    guest = guests.make()
+    guest.dom.attachDeviceFlags(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{overlay}'/><target dev='sdx' bus='scsi'/>"
+        "<alias name='ua-overlay'/>"
+        "<address type='drive' controller='0' bus='0' target='0' unit='7'/></disk>",
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    uses = find_references(scan, HostDeviceMatcher(device))
+    assert [(u.domain_name, u.where, u.alias, u.source) for u in uses] == [
+        (guest.name, "live", "ua-overlay", device)
+    ]

@@ -12,6 +12,7 @@ from hostagent.libvirt_xml.disk import (
     DomainDevices,
     DriveAddress,
     SourceHost,
+    parse_disk_refs,
     parse_domain,
 )
 from hostagent.libvirt_xml.xmlmodel import XmlModelError
@@ -137,3 +138,42 @@ def test_not_a_domain() -> None:
 def test_domain_without_uuid() -> None:
     with pytest.raises(XmlModelError, match="uuid"):
         parse_domain("<domain><name>n</name></domain>")
+
+
+LAYERED = """<domain><devices>
+<disk type='file'><source file='/var/lib/overlay.qcow2' index='1'/>
+  <backingStore type='block' index='2'><format type='raw'/><source dev='/dev/loop0'/>
+    <backingStore/></backingStore>
+  <target dev='sdb' bus='scsi'/><alias name='ua-snapshotted'/></disk>
+<disk type='block'><source dev='/dev/sdc'/><backingStore/>
+  <mirror type='network' job='copy'><format type='raw'/>
+    <source protocol='rbd' name='pool/copy'/>
+    <backingStore type='block'><source dev='/dev/sdq'/></backingStore></mirror>
+  <target dev='sdc' bus='scsi'/><alias name='ua-copying'/></disk>
+<disk type='block'><source dev='/dev/sdd'/><backingStore/><target dev='sdd'/></disk>
+</devices></domain>"""
+
+
+def test_disk_refs_name_every_backing_layer_and_block_copy_destination() -> None:
+    """An external snapshot leaves the device as the overlay's backing layer, and
+    a block copy writes to its mirror: the guard must see both as uses."""
+    refs = [
+        (d.alias, d.target_dev, d.source_dev or d.source_file or d.source_name)
+        for d in parse_disk_refs(LAYERED).disks
+    ]
+    assert refs == [
+        ("ua-snapshotted", "sdb", "/var/lib/overlay.qcow2"),
+        ("ua-snapshotted", "sdb", "/dev/loop0"),
+        ("ua-copying", "sdc", "/dev/sdc"),
+        ("ua-copying", "sdc", "pool/copy"),
+        ("ua-copying", "sdc", "/dev/sdq"),
+        (None, "sdd", "/dev/sdd"),
+    ]
+    assert parse_disk_refs(LAYERED).disks[3].source_protocol == "rbd"
+
+
+def test_disk_refs_of_disks_without_layers_are_their_own_sources() -> None:
+    xml = LIVE_XML.read_text()
+    assert [
+        d.source_dev or d.source_file or d.source_name for d in parse_disk_refs(xml).disks
+    ] == [d.source_dev or d.source_file or d.source_name for d in parse_domain(xml).disks]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from hostagent.attachments.diagnostics import diagnose
 from hostagent.connectors import ConnectorError
 from hostagent.errors import (
     AttachmentConflict,
@@ -113,6 +114,35 @@ def test_a_domain_that_names_the_device_keeps_the_connection(core: Core) -> None
     assert (result.host_disconnected, result.terminate_connection) == (False, False)
     assert core.connector.disconnects == []
     assert core.store.get_connection(core.key) is not None, "kept for the operator's disk"
+
+
+def overlay_disk(backing_dev: str, alias: str) -> str:
+    """A qcow2 overlay on ``backing_dev``, as libvirt's live XML shows an
+    external snapshot's disk: the device only as its backing layer."""
+    return (
+        "<disk type='file' device='disk'><source file='/var/lib/overlay.qcow2'/>"
+        "<backingStore type='block'><format type='raw'/>"
+        f"<source dev='{backing_dev}'/><backingStore/></backingStore>"
+        f"<target dev='vdz' bus='virtio'/><alias name='{alias}'/></disk>"
+    )
+
+
+def test_a_disk_whose_backing_layer_is_the_device_keeps_the_connection(core: Core) -> None:
+    ours, theirs = core.guests.define("g1"), core.guests.define("operator")
+    core.service.attach("a1", core.request(ours))
+    core.guests._apply(
+        theirs.uuid, overlay_disk(core.device, "virtio-disk9"), live=True, config=False
+    )
+    result = core.service.detach("a1")
+    assert (result.host_disconnected, result.terminate_connection) == (False, False)
+    assert core.connector.disconnects == []
+
+
+def test_an_unrecorded_disk_with_a_backing_layer_is_reported_once(core: Core) -> None:
+    guest = core.guests.define("g1")
+    core.guests._apply(guest.uuid, overlay_disk("/dev/loop9", "ua-lost"), live=True, config=False)
+    report = diagnose(core.store, core.guests, boot_id="boot-a")
+    assert [(f.kind, f.subject) for f in report.findings] == [("unrecorded_disk", "g1")]
 
 
 def test_a_failed_connect_leaves_no_record(core: Core) -> None:
