@@ -131,10 +131,10 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     (
         "service",
         "_remove_from_domain",
-        "detachDeviceAlias, DEVICE_REMOVED wait (a live XML check without the event)",
+        "detachDeviceAlias, DEVICE_REMOVED wait, live XML check",
     ),
     ("guests", "detach_alias", "detachDeviceAlias"),
-    ("presence", "in_live_xml", "live XML read to confirm a removal with no event"),
+    ("presence", "in_live_xml", "live XML read to confirm the removal"),
     ("connections", "release", "drop the attachment; the guard and disconnect when last"),
     ("store", "release_if_shared", "the shared release (one transaction)"),
     ("connections", "_still_referenced", "the guard: every domain's disks and every holder"),
