@@ -21,6 +21,7 @@ from hostagent.api.models import Attachment, AttachRequest, DetachResult
 from hostagent.api.views import attachment_view
 from hostagent.attachments.attach_id import repeated_attach
 from hostagent.attachments.connection_release import DomainBack
+from hostagent.attachments.disk_removal import DiskRemoval
 from hostagent.attachments.guest_disks import GuestDisks, validate_disk_rules
 from hostagent.attachments.host_connections import HostConnections
 from hostagent.attachments.migration import (
@@ -32,10 +33,8 @@ from hostagent.connectors import Connector, HostDevice, InvalidTarget, Target
 from hostagent.errors import (
     AttachmentNotFound,
     DetachTimeout,
-    DomainNotFound,
     HostagentError,
     InvalidRequest,
-    LibvirtError,
 )
 from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domains import DomainInfo, Guests
@@ -100,9 +99,15 @@ class AttachmentService:
         self.registry = registry
         self.locks = locks
         self.settings = settings
-        self._monotonic = monotonic
         self.metrics = metrics or Metrics()
         self.presence = DiskPresence(guests)
+        self.removal = DiskRemoval(
+            guests=guests,
+            locks=locks,
+            presence=self.presence,
+            retry_interval=settings.detach_retry_interval,
+            monotonic=monotonic,
+        )
         self.disks = disks or GuestDisks(
             guests=guests, store=store, locks=locks, metrics=self.metrics
         )
@@ -225,7 +230,7 @@ class AttachmentService:
     ) -> None:
         """Undo a failed attach: remove any half-made disk, then the record and connection."""
         try:
-            self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+            self.removal.remove(record, timeout=self.settings.detach_timeout)
         except HostagentError as exc:
             # Unknown whether the disk is on the guest: the record stays
             # ``attaching``, so the connection stays, the caller's retry resumes
@@ -279,9 +284,7 @@ class AttachmentService:
                 record.domain_name,
             )
             with self.metrics.phase("removal_wait"):
-                domain_gone = self._remove_from_domain(
-                    record, timeout=self.settings.detach_timeout
-                )
+                domain_gone = self.removal.remove(record, timeout=self.settings.detach_timeout)
             failpoints.hit("detach.after_removal")
             if domain_gone:
                 return self._release_of_vanished(record)
@@ -332,76 +335,9 @@ class AttachmentService:
                     record.alias,
                 )
                 with self.metrics.phase("removal_wait"):
-                    self._remove_from_domain(record, timeout=self.settings.detach_timeout)
+                    self.removal.remove(record, timeout=self.settings.detach_timeout)
         raise DetachTimeout(
             f"domain {record.domain_uuid} was defined again holding {record.alias} after "
             f"each of {_REDEFINED_ROUNDS} removals; the attachment stays detaching and the "
             "host connection stays; retry the DELETE"
         )
-
-    def _remove_from_domain(self, record: AttachmentRecord, *, timeout: float) -> bool:
-        """Detach the disk by alias and wait until libvirt confirms it is gone.
-
-        The first request is optimistic (live if running, config if
-        persistent); a refusal sends us to the XML to see where the disk
-        really is. The waiter is registered before each detach call, the
-        live XML is re-read to confirm removal, and the request is repeated
-        every ``detach_retry_interval`` until ``timeout``. Returns True if the
-        domain was not found: its disk went with it (unless it is defined again).
-        """
-        deadline = self._monotonic() + timeout
-        domain = self.guests.find(record.domain_uuid)
-        if domain is None:
-            return True
-        presence = (domain.active, domain.persistent)
-        # A live unplug libvirt took may still be pending: one this call asks
-        # for, or (a retried DELETE) the one an earlier call asked for. QEMU
-        # refuses to repeat a pending unplug; that refusal is no answer.
-        unplugging = record.state is AttachmentState.DETACHING
-        while presence != (False, False):
-            remaining = deadline - self._monotonic()
-            if remaining <= 0:
-                raise DetachTimeout(
-                    f"guest {record.domain_name} did not release {record.alias} within "
-                    f"{timeout:g}s; the attachment stays detaching and the host connection "
-                    "stays; retry the DELETE"
-                )
-            live, config = presence
-            with self.guests.removals.expect(record.domain_uuid, record.alias) as pending:
-                try:
-                    with self.locks.domain(record.domain_uuid):
-                        self.guests.detach_alias(
-                            record.domain_uuid, record.alias, live=live, config=config
-                        )
-                    failpoints.hit("detach.after_request")
-                except DomainNotFound:
-                    return True
-                except LibvirtError as exc:
-                    actual = self.presence.find(record.domain_uuid, record.alias)
-                    if actual is None or actual != presence:
-                        presence = actual or (False, False)
-                        continue  # we asked for the wrong places: ask again right
-                    if not (live and unplugging):
-                        raise  # a refusal of a right request is libvirt's answer
-                    # A repeated unplug may be refused while the first is pending.
-                    LOG.debug(
-                        "attachment %s: repeated detach refused: %s",
-                        record.attachment_id,
-                        exc.message,
-                    )
-                if live:
-                    unplugging = True
-                    pending.event.wait(min(self.settings.detach_retry_interval, remaining))
-            # The config part is done once libvirt accepted it; confirm the live
-            # part. Read even after a config-only request: a guest started since
-            # the lookup may have booted with the disk (an inactive domain's
-            # XML is its config, where the disk is gone by now). Read even after
-            # DEVICE_REMOVED: the read waits for the domain, which libvirt holds
-            # until it has saved the removal in its status file; answering at
-            # the event, a libvirtd killed in that moment reloads the disk
-            # (tests/faults/test_libvirtd_restart.py caught it 2 times in 18).
-            presence = (self._in_live_xml(record), False)
-        return False
-
-    def _in_live_xml(self, record: AttachmentRecord) -> bool:
-        return self.presence.in_live_xml(record.domain_uuid, record.alias)
