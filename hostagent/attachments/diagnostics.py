@@ -167,8 +167,8 @@ def _connection_findings(
             yield Finding(
                 kind="foreign_disk",
                 subject=key,
-                detail=f"{ref.domain_name} ({ref.where}) uses {ref.source} as "
-                f"{ref.target_dev} without an attachment of the agent; the device stays "
+                detail=f"{ref.domain_name} ({ref.where}) uses {ref.source} {ref.use} "
+                "without an attachment of the agent; the device stays "
                 "connected while it does",
                 suggestion=f"virsh domblklist {ref.domain_name} --details",
             )
@@ -212,12 +212,10 @@ def diagnose(
     for record in records:
         findings += _attachment_findings(record, domains.get(record.domain_uuid), disks)
     ours = {(r.domain_uuid, r.alias) for r in records}
-    told: set[tuple[str, str, str]] = set()  # a disk's backing layers repeat its alias
     for dd in disks:
         alias = dd.disk.alias or ""
-        place = (dd.domain.uuid, alias, dd.where)
-        if alias.startswith(USER_ALIAS_PREFIX) and place[:2] not in ours and place not in told:
-            told.add(place)
+        unrecorded = alias.startswith(USER_ALIAS_PREFIX) and (dd.domain.uuid, alias) not in ours
+        if unrecorded and dd.disk.layer is None:  # a layer is told with its disk
             findings.append(_unrecorded_finding(store, dd, alias))
     numbers: DeviceNumbers = {}
     for connection in connections:

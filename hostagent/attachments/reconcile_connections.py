@@ -192,7 +192,7 @@ class ConnectionPass:
                         action="foreign_disk",
                         subject=connection.connection_key,
                         detail=f"domain {ref.domain_name} ({ref.where}) uses "
-                        f"{ref.source} as {ref.target_dev} without an attachment "
+                        f"{ref.source} {ref.use} without an attachment "
                         "of ours; the device stays connected",
                     )
                 )

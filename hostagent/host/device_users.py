@@ -24,7 +24,7 @@ from hostagent.connectors import (
 )
 from hostagent.guests.domain_scan import DomainDisk, DomainScan
 from hostagent.host.holders import device_number, processes_holding
-from hostagent.libvirt_xml.disk import DiskRef
+from hostagent.libvirt_xml.disk import DiskLayer, DiskRef
 from hostagent.state.records import ConnectionRecord
 
 
@@ -38,6 +38,14 @@ class DeviceReference:
     alias: str | None
     target_dev: str | None
     source: str
+    layer: DiskLayer | None  # None: the disk's own source
+
+    @property
+    def use(self) -> str:
+        """How the disk uses the source, for an operator: "as sdb", "in the
+        backing chain of sdb"."""
+        disk = self.target_dev or self.alias or "a disk"
+        return f"as {disk}" if self.layer is None else f"in the {self.layer} of {disk}"
 
 
 # The device number of each disk source path seen in one pass (None: not a block device).
@@ -126,6 +134,7 @@ def references_in(
             alias=dd.disk.alias,
             target_dev=dd.disk.target_dev,
             source=dd.disk.source_dev or dd.disk.source_file or dd.disk.source_name or "",
+            layer=dd.disk.layer,
         )
         for dd in disks
         if matcher.matches(dd.disk, numbers)
@@ -198,6 +207,7 @@ def device_users(
 def _domains_using(scan: DomainScan, matcher: DiskMatcher) -> list[str]:
     refs = find_references(scan, matcher)
     return [
-        f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev})"
+        f"domain {ref.domain_name} ({ref.where}, disk {ref.alias or ref.target_dev}"
+        f"{'' if ref.layer is None else ', its ' + ref.layer})"
         for ref in refs
     ]

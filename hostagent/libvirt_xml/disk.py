@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lxml import etree
 
@@ -190,10 +190,20 @@ def _as_in_disk_spec(name: str) -> Mapping[str, Any]:
     return DiskSpec.__dataclass_fields__[name].metadata
 
 
+# Where a ``DiskRef``'s source sits in its disk, when it is not the disk's own
+# ``<source>``: a layer of the backing chain, or the block copy under way (the
+# ``<mirror>`` destination and its own chain).
+DiskLayer = Literal["backing chain", "block copy"]
+
+
 @dataclass(frozen=True)
 class DiskRef(XmlModel):
     """What a ``<disk>`` uses and how it is named: DiskSpec's declarations for just
-    these fields, so scanning every domain for a device reads a fifth as much."""
+    these fields, so scanning every domain for a device reads a fifth as much.
+
+    ``layer`` has no XML path: ``parse_disk_refs`` sets it on the one more
+    ``DiskRef`` it makes for each backing layer and block-copy source.
+    """
 
     XML_ROOT = "disk"
 
@@ -203,6 +213,7 @@ class DiskRef(XmlModel):
     source_file: str | None = field(default=None, metadata=_as_in_disk_spec("source_file"))
     source_protocol: str | None = field(default=None, metadata=_as_in_disk_spec("source_protocol"))
     source_name: str | None = field(default=None, metadata=_as_in_disk_spec("source_name"))
+    layer: DiskLayer | None = None  # None: the disk's own <source>
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,10 @@ class DomainDiskRefs(XmlModel):
         return any(disk.alias == alias for disk in self.disks)
 
 
-_LAYERED_DISKS = etree.XPath("./devices/disk[mirror/source or backingStore/source]")
+# The disks that may have a layer, found in one look: every disk ``_layers``
+# could yield a source for has a <mirror> or a backingStore/source, so this is
+# a superset of the disks with layers (a test holds the two to that).
+_LAYERED_DISKS = etree.XPath("./devices/disk[mirror or backingStore/source]")
 
 
 def parse_disk_refs(xml: str | bytes) -> DomainDiskRefs:
@@ -233,28 +247,32 @@ def parse_disk_refs(xml: str | bytes) -> DomainDiskRefs:
     disks: list[DiskRef] = []
     for ref, element in zip(refs.disks, root.iterfind("./devices/disk"), strict=True):
         disks.append(ref)
-        disks += (_layer_ref(ref, source) for source in _layer_sources(element))
+        disks += (_layer_ref(ref, source, layer) for source, layer in _layers(element))
     return DomainDiskRefs(disks=tuple(disks))
 
 
-def _layer_sources(disk: etree._Element) -> Iterator[etree._Element]:
+def _layers(disk: etree._Element) -> Iterator[tuple[etree._Element, DiskLayer]]:
     """Beside its own source, a disk uses every layer of its backing chain (a
     qcow2 overlay on a block device, as an external snapshot makes: libvirt
     writes the chain it found into the live XML) and the destination of a
     block copy under way (``<mirror>``, with a chain of its own)."""
+    yield from ((source, "backing chain") for source in _chain(disk))
     mirror = disk.find("mirror")
-    holders = [disk] if mirror is None else [disk, mirror]
-    if mirror is not None and (copy := mirror.find("source")) is not None:
-        yield copy
-    for holder in holders:
-        layer = holder.find("backingStore")
-        while layer is not None and (source := layer.find("source")) is not None:
-            yield source
-            layer = layer.find("backingStore")
+    if mirror is not None:
+        if (copy := mirror.find("source")) is not None:
+            yield copy, "block copy"
+        yield from ((source, "block copy") for source in _chain(mirror))
 
 
-def _layer_ref(disk: DiskRef, source: etree._Element) -> DiskRef:
-    """A backing layer's or block-copy destination's ``<source>``, named as its disk."""
+def _chain(holder: etree._Element) -> Iterator[etree._Element]:
+    layer = holder.find("backingStore")
+    while layer is not None and (source := layer.find("source")) is not None:
+        yield source
+        layer = layer.find("backingStore")
+
+
+def _layer_ref(disk: DiskRef, source: etree._Element, layer: DiskLayer) -> DiskRef:
+    """A backing layer's or block-copy source's ``<source>``, named as its disk."""
     return DiskRef(
         alias=disk.alias,
         target_dev=disk.target_dev,
@@ -262,6 +280,7 @@ def _layer_ref(disk: DiskRef, source: etree._Element) -> DiskRef:
         source_file=source.get("file"),
         source_protocol=source.get("protocol"),
         source_name=source.get("name"),
+        layer=layer,
     )
 
 

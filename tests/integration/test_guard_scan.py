@@ -220,6 +220,6 @@ def test_a_disk_whose_backing_chain_reaches_the_device_is_a_use(
         libvirt.VIR_DOMAIN_AFFECT_LIVE,
     )
     uses = find_references(scan, HostDeviceMatcher(device))
-    assert [(u.domain_name, u.where, u.alias, u.source) for u in uses] == [
-        (guest.name, "live", "ua-overlay", device)
+    assert [(u.domain_name, u.where, u.alias, u.source, u.use) for u in uses] == [
+        (guest.name, "live", "ua-overlay", device, "in the backing chain of sdx")
     ]

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 
 from hostagent.libvirt_xml.disk import (
+    _LAYERED_DISKS,
     ControllerSpec,
     DiskSpec,
     DomainDevices,
     DriveAddress,
     SourceHost,
+    _layers,
     parse_disk_refs,
     parse_domain,
 )
-from hostagent.libvirt_xml.xmlmodel import XmlModelError
+from hostagent.libvirt_xml.xmlmodel import XmlModelError, parse_xml
 
 LIVE_XML = Path(__file__).resolve().parent.parent / "data" / "xml" / "parse-live-domain-in.xml"
 SDA_ALIAS = "ua-0f3c2b1a-1111-2222-3333-444455556666"
@@ -158,16 +160,16 @@ def test_disk_refs_name_every_backing_layer_and_block_copy_destination() -> None
     """An external snapshot leaves the device as the overlay's backing layer, and
     a block copy writes to its mirror: the guard must see both as uses."""
     refs = [
-        (d.alias, d.target_dev, d.source_dev or d.source_file or d.source_name)
+        (d.alias, d.target_dev, d.source_dev or d.source_file or d.source_name, d.layer)
         for d in parse_disk_refs(LAYERED).disks
     ]
     assert refs == [
-        ("ua-snapshotted", "sdb", "/var/lib/overlay.qcow2"),
-        ("ua-snapshotted", "sdb", "/dev/loop0"),
-        ("ua-copying", "sdc", "/dev/sdc"),
-        ("ua-copying", "sdc", "pool/copy"),
-        ("ua-copying", "sdc", "/dev/sdq"),
-        (None, "sdd", "/dev/sdd"),
+        ("ua-snapshotted", "sdb", "/var/lib/overlay.qcow2", None),
+        ("ua-snapshotted", "sdb", "/dev/loop0", "backing chain"),
+        ("ua-copying", "sdc", "/dev/sdc", None),
+        ("ua-copying", "sdc", "pool/copy", "block copy"),
+        ("ua-copying", "sdc", "/dev/sdq", "block copy"),
+        (None, "sdd", "/dev/sdd", None),
     ]
     assert parse_disk_refs(LAYERED).disks[3].source_protocol == "rbd"
 
@@ -177,3 +179,35 @@ def test_disk_refs_of_disks_without_layers_are_their_own_sources() -> None:
     assert [
         d.source_dev or d.source_file or d.source_name for d in parse_disk_refs(xml).disks
     ] == [d.source_dev or d.source_file or d.source_name for d in parse_domain(xml).disks]
+
+
+# One disk each, in the shapes a disk's layers can take.
+LAYER_SHAPES = {
+    "no layers": "<disk type='block'><source dev='/dev/sda'/></disk>",
+    "an empty chain": "<disk type='block'><source dev='/dev/sda'/><backingStore/></disk>",
+    "a chain of two": "<disk type='file'><source file='/o.qcow2'/><backingStore type='file'>"
+    "<source file='/b.qcow2'/><backingStore type='block'><source dev='/dev/sdb'/>"
+    "</backingStore></backingStore></disk>",
+    "a copy": "<disk type='block'><source dev='/dev/sda'/><mirror type='block' job='copy'>"
+    "<source dev='/dev/sdc'/></mirror></disk>",
+    "a copy with no source, only a chain": "<disk type='block'><source dev='/dev/sda'/>"
+    "<mirror type='file' job='copy'><backingStore type='block'><source dev='/dev/sdd'/>"
+    "</backingStore></mirror></disk>",
+    "a chain of an empty layer": "<disk type='block'><source dev='/dev/sda'/><backingStore>"
+    "<backingStore><source dev='/dev/sde'/></backingStore></backingStore></disk>",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(LAYER_SHAPES))
+def test_the_look_for_layered_disks_finds_every_disk_the_walk_takes_layers_from(
+    shape: str,
+) -> None:
+    """parse_disk_refs looks for disks with layers in one XPath, then walks only
+    those: a disk the walk would take a layer from must never be passed over."""
+    xml = f"<domain><devices>{LAYER_SHAPES[shape]}</devices></domain>"
+    root = parse_xml(xml)
+    walked = [source.get("dev") or source.get("file") for source, _ in _layers(root[0][0])]
+    if walked:
+        assert _LAYERED_DISKS(root), f"{shape}: layers {walked} passed over"
+    refs = parse_disk_refs(xml).disks
+    assert [r.source_dev or r.source_file for r in refs[1:]] == walked

@@ -7,6 +7,8 @@ The same flows run on real libvirt in tests/integration.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from hostagent.attachments.diagnostics import diagnose
@@ -123,15 +125,27 @@ def overlay_disk(backing_dev: str, alias: str) -> str:
     )
 
 
-def test_a_disk_whose_backing_layer_is_the_device_keeps_the_connection(core: Core) -> None:
+def test_a_disk_whose_backing_layer_is_the_device_keeps_the_connection(
+    core: Core, caplog: pytest.LogCaptureFixture
+) -> None:
     ours, theirs = core.guests.define("g1"), core.guests.define("operator")
     core.service.attach("a1", core.request(ours))
     core.guests._apply(
         theirs.uuid, overlay_disk(core.device, "virtio-disk9"), live=True, config=False
     )
-    result = core.service.detach("a1")
+    with caplog.at_level(logging.WARNING, logger="hostagent.attachments"):
+        result = core.service.detach("a1")
     assert (result.host_disconnected, result.terminate_connection) == (False, False)
     assert core.connector.disconnects == []
+    assert "still used by domain operator (live, disk virtio-disk9, its backing chain)" in (
+        caplog.text
+    )
+    # the doctor says how the operator's disk uses the device
+    report = diagnose(core.store, core.guests, boot_id="boot-a")
+    assert [f.detail for f in report.findings if f.kind == "foreign_disk"] == [
+        f"operator (live) uses {core.device} in the backing chain of vdz without an "
+        "attachment of the agent; the device stays connected while it does"
+    ]
 
 
 def test_an_unrecorded_disk_with_a_backing_layer_is_reported_once(core: Core) -> None:
