@@ -23,12 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from hostagent.errors import (
-    AttachmentIdReused,
-    TargetDevInUse,
-    VolumeAlreadyAttached,
-    VolumeNotMultiattach,
-)
+from hostagent.errors import TargetDevInUse
+from hostagent.state.attach_rules import refusal
 from hostagent.state.records import (
     INSERT_ATTACHMENT,
     SELECT_ATTACHMENT,
@@ -225,9 +221,10 @@ class Store:
     ) -> ConnectionRecord:
         """Record the intent to attach (and to connect, if the connection is new).
 
-        Refuses, atomically, everything API.md orders after the id checks:
-        a reused id, the volume or device already on this domain, a
-        non-multiattach sharing, a target dev our records already hold.
+        Refuses, atomically, everything API.md orders after the id checks
+        (``attach_rules.refusal``): a reused id, the volume or device already
+        on this domain, a non-multiattach sharing, a target dev our records
+        already hold.
         Raises ConnectionReleasing, recording nothing, while the connection is
         ``disconnecting``, unless ``while_releasing`` (the caller holds the
         connection lock and will connect it again). Returns the connection
@@ -241,45 +238,33 @@ class Store:
             ).fetchone()
             if state and state[0] == ConnectionState.DISCONNECTING and not while_releasing:
                 raise ConnectionReleasing(connection.connection_key)
-            if db.execute(
-                "SELECT 1 FROM tombstones WHERE attachment_id = ?", (attachment.attachment_id,)
-            ).fetchone():
-                raise AttachmentIdReused(
-                    f"attachment id {attachment.attachment_id} was already detached; "
-                    "use a fresh id for a new attach"
-                )
-            others = [
+            a = attachment
+            tombstone = db.execute(
+                "SELECT 1 FROM tombstones WHERE attachment_id = ?", (a.attachment_id,)
+            ).fetchone()
+            sharing = [
                 attachment_from_row(r)
                 for r in db.execute(
                     f"{SELECT_ATTACHMENT} WHERE (volume_id = ? OR connection_key = ?)"
                     " AND attachment_id != ?",
-                    (attachment.volume_id, attachment.connection_key, attachment.attachment_id),
+                    (a.volume_id, a.connection_key, a.attachment_id),
                 )
             ]
-            for other in others:
-                if other.domain_uuid == attachment.domain_uuid:
-                    raise VolumeAlreadyAttached(
-                        f"volume {other.volume_id} ({other.connection_key}) is already "
-                        f"attached to domain {other.domain_name} as {other.attachment_id}"
-                    )
-            for other in others:
-                if not (other.multiattach and attachment.multiattach):
-                    raise VolumeNotMultiattach(
-                        f"{other.connection_key} is already attached on this host "
-                        f"({other.attachment_id} on {other.domain_name}); sharing needs "
-                        "multiattach on both attachments"
-                    )
-            if (
-                attachment.target_dev is not None
+            dev_taken = (
+                a.target_dev is not None
                 and db.execute(
                     "SELECT 1 FROM attachments WHERE domain_uuid = ? AND target_dev = ?",
-                    (attachment.domain_uuid, attachment.target_dev),
+                    (a.domain_uuid, a.target_dev),
                 ).fetchone()
-            ):
-                raise TargetDevInUse(
-                    f"target dev {attachment.target_dev} is already used on "
-                    f"{attachment.domain_name}"
-                )
+            )
+            refused = refusal(
+                a,
+                id_detached=tombstone is not None,
+                sharing=sharing,
+                target_dev_taken=bool(dev_taken),
+            )
+            if refused is not None:
+                raise refused
             db.execute(
                 "INSERT OR IGNORE INTO connections (connection_key, driver_volume_type,"
                 " connection_data, disk_format, state, boot_id, created_at)"
