@@ -17,6 +17,8 @@ from hostagent.guests.domains import DomainInfo, Guests
 from hostagent.host.device_users import (
     DeviceNumbers,
     DeviceReference,
+    OurDisks,
+    accounted_for,
     matcher_for,
     references_in,
 )
@@ -130,7 +132,7 @@ def _connection_findings(
     users: int,
     boot_id: str,
     references: list[DeviceReference],
-    ours: set[tuple[str, str]],
+    ours: OurDisks,
 ) -> Iterator[Finding]:
     key = connection.connection_key
     if connection.state is not ConnectionState.CONNECTED:
@@ -163,7 +165,7 @@ def _connection_findings(
             "process still uses the device)",
         )
     for ref in references:
-        if (ref.domain_uuid, ref.alias) not in ours:
+        if not accounted_for(ref, ours, key):
             yield Finding(
                 kind="foreign_disk",
                 subject=key,
@@ -211,7 +213,7 @@ def diagnose(
     findings: list[Finding] = []
     for record in records:
         findings += _attachment_findings(record, domains.get(record.domain_uuid), disks)
-    ours = {(r.domain_uuid, r.alias) for r in records}
+    ours = {(r.domain_uuid, r.alias): r.connection_key for r in records}
     for dd in disks:
         alias = dd.disk.alias or ""
         unrecorded = alias.startswith(USER_ALIAS_PREFIX) and (dd.domain.uuid, alias) not in ours

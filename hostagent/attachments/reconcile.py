@@ -110,7 +110,7 @@ class Reconciler:
         if acted:  # what the pass did may have changed the disks and records it read
             snapshot = self._connections.scan.snapshot()
             _, records = self._store.attachment_summaries()
-        ours = {(a.domain_uuid, a.alias) for a in records}
+        ours = {(a.domain_uuid, a.alias): a.connection_key for a in records}
         actions += self.connection_pass.foreign_disks(snapshot.disks, ours)
         purged = self._store.purge_tombstones(self._clock() - self.tombstone_ttl)
         if purged:

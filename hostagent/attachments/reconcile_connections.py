@@ -6,7 +6,6 @@ and disks on our devices that no attachment of ours accounts for."""
 from __future__ import annotations
 
 import os
-from collections.abc import Set as AbstractSet
 
 from hostagent.api.models import ReconcileAction
 from hostagent.attachments.host_connections import HostConnections
@@ -14,7 +13,13 @@ from hostagent.errors import HostagentError
 from hostagent.guests.disk_presence import DiskPresence
 from hostagent.guests.domain_scan import DomainDisk
 from hostagent.guests.domains import Guests
-from hostagent.host.device_users import DeviceNumbers, matcher_for, references_in
+from hostagent.host.device_users import (
+    DeviceNumbers,
+    OurDisks,
+    accounted_for,
+    matcher_for,
+    references_in,
+)
 from hostagent.locks import HostLocks
 from hostagent.state.store import (
     AttachmentRecord,
@@ -174,19 +179,20 @@ class ConnectionPass:
             )
         ]
 
-    def foreign_disks(
-        self, disks: list[DomainDisk], ours: AbstractSet[tuple[str, str | None]]
-    ) -> list[ReconcileAction]:
-        """Disks on our connections' devices that no attachment of ours (``ours``:
-        (domain UUID, alias)) accounts for."""
+    def foreign_disks(self, disks: list[DomainDisk], ours: OurDisks) -> list[ReconcileAction]:
+        """Disks on our connections' devices that no attachment of ours
+        (``accounted_for``) accounts for."""
         connections = [(c, m) for c in self._store.list_connections() if (m := matcher_for(c))]
-        others = [d for d in disks if (d.domain.uuid, d.disk.alias) not in ours]
+        # a layer is looked at on each connection: ours only on its attachment's
+        others = [d for d in disks if d.disk.layer or (d.domain.uuid, d.disk.alias) not in ours]
         if not connections or not others:
             return []
         found = []
         numbers: DeviceNumbers = {}
         for connection, matcher in connections:
             for ref in references_in(others, matcher, numbers):
+                if accounted_for(ref, ours, connection.connection_key):
+                    continue
                 found.append(
                     ReconcileAction(
                         action="foreign_disk",

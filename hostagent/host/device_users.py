@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,6 +139,19 @@ def references_in(
         for dd in disks
         if matcher.matches(dd.disk, numbers)
     ]
+
+
+# Our attachments by (domain UUID, alias): the connection key each is on.
+OurDisks = Mapping[tuple[str, str], str]
+
+
+def accounted_for(ref: DeviceReference, ours: OurDisks, connection_key: str) -> bool:
+    """Whether an attachment of ours accounts for this use of ``connection_key``'s
+    device: its own disk does; a layer of it (a backing chain, a block copy)
+    only when that attachment is on this very connection. An operator's block
+    copy of our disk onto another of our connections' devices is not ours there."""
+    key = ours.get((ref.domain_uuid, ref.alias or ""))
+    return key is not None and (ref.layer is None or key == connection_key)
 
 
 def find_references(scan: DomainScan, matcher: DiskMatcher) -> list[DeviceReference]:

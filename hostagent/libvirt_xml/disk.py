@@ -191,9 +191,9 @@ def _as_in_disk_spec(name: str) -> Mapping[str, Any]:
 
 
 # Where a ``DiskRef``'s source sits in its disk, when it is not the disk's own
-# ``<source>``: a layer of the backing chain, or the block copy under way (the
-# ``<mirror>`` destination and its own chain).
-DiskLayer = Literal["backing chain", "block copy"]
+# ``<source>``: a layer of the backing chain, or the ``<mirror>`` of a job under
+# way: a block copy's destination and its own chain, or an active commit's base.
+DiskLayer = Literal["backing chain", "block copy", "block commit"]
 
 
 @dataclass(frozen=True)
@@ -255,13 +255,31 @@ def _layers(disk: etree._Element) -> Iterator[tuple[etree._Element, DiskLayer]]:
     """Beside its own source, a disk uses every layer of its backing chain (a
     qcow2 overlay on a block device, as an external snapshot makes: libvirt
     writes the chain it found into the live XML) and the destination of a
-    block copy under way (``<mirror>``, with a chain of its own)."""
-    yield from ((source, "backing chain") for source in _chain(disk))
+    block copy under way (``<mirror>``, with a chain of its own). A source is
+    given once: an active commit's ``<mirror>`` names its base, which the chain
+    already gave."""
+    given = {_identity(source) for source in disk.iterfind("source")}
     mirror = disk.find("mirror")
+    job: DiskLayer = (
+        "block commit"
+        if mirror is not None and mirror.get("job") == "active-commit"
+        else "block copy"
+    )
+    layers: list[tuple[etree._Element, DiskLayer]] = [
+        (source, "backing chain") for source in _chain(disk)
+    ]
     if mirror is not None:
-        if (copy := mirror.find("source")) is not None:
-            yield copy, "block copy"
-        yield from ((source, "block copy") for source in _chain(mirror))
+        if (destination := mirror.find("source")) is not None:
+            layers.append((destination, job))
+        layers += ((source, job) for source in _chain(mirror))
+    for source, layer in layers:
+        if (identity := _identity(source)) not in given:
+            given.add(identity)
+            yield source, layer
+
+
+def _identity(source: etree._Element) -> tuple[str | None, ...]:
+    return (source.get("dev"), source.get("file"), source.get("protocol"), source.get("name"))
 
 
 def _chain(holder: etree._Element) -> Iterator[etree._Element]:

@@ -78,6 +78,7 @@ class AttachmentSummary(NamedTuple):
     domain_name: str
     alias: str
     state: AttachmentState
+    connection_key: str
 
 
 SELECT_ATTACHMENT_SUMMARY = (
@@ -142,13 +143,14 @@ def attachment_row(attachment: AttachmentRecord, now: float) -> tuple[Any, ...]:
 
 def attachment_summary_from_row(row: Sequence[Any]) -> AttachmentSummary:
     """A summary from a row of ``SELECT_ATTACHMENT_SUMMARY``."""
-    attachment_id, domain_uuid, domain_name, alias, state = row
+    attachment_id, domain_uuid, domain_name, alias, state, connection_key = row
     return AttachmentSummary(
         attachment_id,
         domain_uuid,
         domain_name,
         alias,
         _attachment_state(state),
+        connection_key,
     )
 
 

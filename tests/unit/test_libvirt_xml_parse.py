@@ -211,3 +211,25 @@ def test_the_look_for_layered_disks_finds_every_disk_the_walk_takes_layers_from(
         assert _LAYERED_DISKS(root), f"{shape}: layers {walked} passed over"
     refs = parse_disk_refs(xml).disks
     assert [r.source_dev or r.source_file for r in refs[1:]] == walked
+
+
+def test_an_active_commits_base_is_one_use_told_as_its_layer() -> None:
+    """libvirt's <mirror job='active-commit'> names the commit's base, which the
+    backing chain lists already: one use, as a backing layer. A base the chain
+    does not list is told as the commit's."""
+    chain = "<backingStore type='block'><source dev='/dev/sdb'/></backingStore>"
+    committing = (
+        "<domain><devices><disk type='file'><source file='/top.qcow2'/>{chain}"
+        "<mirror type='block' job='active-commit'><source dev='/dev/sdb'/></mirror>"
+        "<target dev='vdb'/></disk></devices></domain>"
+    )
+    listed = parse_disk_refs(committing.format(chain=chain)).disks
+    assert [(d.source_dev or d.source_file, d.layer) for d in listed] == [
+        ("/top.qcow2", None),
+        ("/dev/sdb", "backing chain"),
+    ]
+    unlisted = parse_disk_refs(committing.format(chain="")).disks
+    assert [(d.source_dev or d.source_file, d.layer) for d in unlisted] == [
+        ("/top.qcow2", None),
+        ("/dev/sdb", "block commit"),
+    ]

@@ -8,8 +8,10 @@ The same flows run on real libvirt in tests/integration.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from hostagent.attachments.diagnostics import diagnose
 from hostagent.connectors import ConnectorError
@@ -145,6 +147,45 @@ def test_a_disk_whose_backing_layer_is_the_device_keeps_the_connection(
     assert [f.detail for f in report.findings if f.kind == "foreign_disk"] == [
         f"operator (live) uses {core.device} in the backing chain of vdz without an "
         "attachment of the agent; the device stays connected while it does"
+    ]
+
+
+def test_a_block_copy_of_our_disk_onto_another_connections_device_is_foreign_there(
+    core: Core, tmp_path: Path
+) -> None:
+    """ua-a1 is ours on its own connection; an operator's block copy of it onto
+    the device of another of our connections is no attachment of ours there."""
+    g1, g2 = core.guests.define("g1"), core.guests.define("g2")
+    other = tmp_path / "vol-2"
+    other.touch()
+    core.service.attach("a1", core.request(g1))
+    core.service.attach(
+        "a2",
+        core.request(
+            g2,
+            volume_id="vol-2",
+            connection_info={"driver_volume_type": "local", "data": {"device_path": str(other)}},
+        ),
+    )
+    (disk,) = core.guests._state(g1.uuid).live.xpath("./devices/disk[alias/@name='ua-a1']")
+    disk.append(
+        etree.fromstring(f"<mirror type='block' job='copy'><source dev='{other}'/></mirror>")
+    )
+    expected = (
+        f"g1 (live) uses {other} in the block copy of vda without an attachment of the agent; "
+        "the device stays connected while it does"
+    )
+    report = diagnose(core.store, core.guests, boot_id="boot-a")
+    assert [(f.kind, f.subject, f.detail) for f in report.findings] == [
+        ("foreign_disk", f"local:{other}", expected)
+    ], "and none on a1's own connection"
+    foreign = [a for a in core.reconciler.run().actions if a.action == "foreign_disk"]
+    assert [(a.subject, a.detail) for a in foreign] == [
+        (
+            f"local:{other}",
+            f"domain g1 (live) uses {other} in the block copy of vda without an attachment "
+            "of ours; the device stays connected",
+        )
     ]
 
 

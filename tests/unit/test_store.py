@@ -263,7 +263,8 @@ def test_records_read_back_whole_and_summaries_agree_with_them(store: Store) -> 
     assert [type(a.multiattach) for a in listed] == [bool, bool]
     _, summaries = store.attachment_summaries()
     assert list(summaries) == [
-        (a.attachment_id, a.domain_uuid, a.domain_name, a.alias, a.state) for a in listed
+        (a.attachment_id, a.domain_uuid, a.domain_name, a.alias, a.state, a.connection_key)
+        for a in listed
     ]
 
 
