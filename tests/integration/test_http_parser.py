@@ -203,7 +203,10 @@ def test_connections_over_the_bound_are_503_and_the_bound_frees_up(daemon: Daemo
         for _ in range(300):
             sock = connect(daemon)
             stack.callback(sock.close)
-            sock.sendall(b"GET /v1/health HTTP/1.1\r\n")
+            # A connection over the bound may be answered and closed before its
+            # line is sent (EPIPE); the 503 stays readable.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(b"GET /v1/health HTTP/1.1\r\n")
             held.append(sock)
         answers = list(pool.map(lambda sock: read_until_closed(sock, started), held))
     statuses = [answer.status for answer in answers]
