@@ -38,10 +38,12 @@ class DomainInfo:
 
 
 class _PendingRemoval:
+    """One wait for a removal: ``event`` is set when libvirt says the device
+    left, or that the removal failed, or that the domain stopped. A waiter
+    reads the live XML after it either way (``attachments.disk_removal``)."""
+
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.removed = False
-        self.failed = False
 
 
 class DeviceRemovedWaiter:
@@ -68,19 +70,14 @@ class DeviceRemovedWaiter:
                 if self._pending.get(key) is pending:
                     del self._pending[key]
 
-    def _notify(self, domain_uuid: str, alias: str, *, removed: bool) -> None:
+    def _wake(self, domain_uuid: str, alias: str) -> None:
         with self._mutex:
             pending = self._pending.get((domain_uuid, alias))
-        if pending is None:
-            return
-        if removed:
-            pending.removed = True
-        else:
-            pending.failed = True
-        pending.event.set()
+        if pending is not None:
+            pending.event.set()
 
     def device_removed(self, domain_uuid: str, alias: str) -> None:
-        self._notify(domain_uuid, alias, removed=True)
+        self._wake(domain_uuid, alias)
 
     def domain_stopped(self, domain_uuid: str) -> None:
         """Wake every wait on a domain that stopped or vanished: its live disks are gone."""
@@ -90,7 +87,7 @@ class DeviceRemovedWaiter:
             waiting.event.set()
 
     def removal_failed(self, domain_uuid: str, alias: str) -> None:
-        self._notify(domain_uuid, alias, removed=False)
+        self._wake(domain_uuid, alias)
 
 
 ConnectionListener = Callable[[], None]
